@@ -1,0 +1,133 @@
+"""The fully commented configuration file that ``fednode init`` writes.
+
+``deploy/fednode.example.toml`` is this template rendered with its defaults (a test keeps the
+two equal).
+"""
+
+from __future__ import annotations
+
+TEMPLATE = """\
+# fednode configuration (TOML).
+#
+# Every key can also be set with an environment variable: FEDNODE_<SECTION>__<KEY>, for example
+# FEDNODE_DICOM__PORT=11112. Relative paths are relative to this file's folder.
+# Check the effective configuration with `fednode config show` (secrets are masked).
+
+[node]
+# This node's AE title (1-16 characters). Peers must call it exactly.
+ae_title = "{ae_title}"
+# Folder for the database (SQLite default), the encrypted spool and the de-identified blobs.
+data_dir = "{data_dir}"
+# The master secret: 32 random bytes, mode 0600. Every key is derived from it. Back it up:
+# without it nothing encrypted can be read and pseudonyms change. Default: <data_dir>/master.key
+# secret_file = "/etc/fednode/master.key"
+
+[dicom]
+# Address and port the storage SCP listens on.
+host = "{host}"
+port = {port}
+# Associations served at once, over all SCP processes.
+max_associations = 16
+# Largest PDU the node receives, bytes (0 = unlimited). Larger PDUs cost less CPU per instance.
+max_pdu = 1048576
+# Timeouts, seconds: association set-up, DIMSE messages, idle connection.
+acse_timeout = 30
+dimse_timeout = 60
+network_timeout = 60
+# SCP processes sharing the port (0 = one per CPU core).
+processes = 0
+# Refuse stores with status 0xA700 when the data volume has less free space than this, MiB.
+free_space_floor_mb = 1024
+# On SIGTERM, seconds to let in-flight associations and jobs finish.
+shutdown_grace_seconds = 30
+
+# Peers allowed to associate (default-deny). One [[dicom.peers]] block per calling AE title;
+# `host` pins it to an IP address or host name; `port` is the peer's own SCP port (used to send
+# results back).
+{peers}
+[database]
+# Empty: SQLite in data_dir (embedded default). Production: PostgreSQL, e.g.
+# url = "postgresql+psycopg://fednode@db.hospital.internal/fednode"
+url = ""
+
+[workers]
+# Worker processes that de-identify and process queued jobs.
+count = 2
+# Attempts before a job is dead-lettered (see `fednode status`, `fednode jobs retry`).
+max_attempts = 5
+# First retry delay in seconds; it doubles on every attempt up to backoff_max_seconds.
+backoff_seconds = 10
+backoff_max_seconds = 3600
+# Seconds a worker holds a job before another may take it over (extended while it runs).
+lease_seconds = 300
+
+[spool]
+# Hours the encrypted spool file of a rejected instance is kept (for investigation).
+reject_retention_hours = 72
+
+[deid]
+# De-identification: DICOM PS3.15 Annex E Basic Profile (Table E.1-1) plus these options. The
+# options in force are recorded in every output (De-identification Method Code Sequence).
+# Dates: "modified" shifts every date of a patient by a keyed per-patient offset (intervals
+# survive), "full" keeps dates, "off" removes them.
+longitudinal = "modified"
+retain_patient_characteristics = false
+retain_device_identity = false
+retain_institution_identity = false
+retain_safe_private = false
+retain_uids = false
+clean_descriptors = false
+clean_structured_content = false
+clean_graphics = false
+# Prefix of the pseudonymous Patient ID / Patient's Name.
+patient_prefix = "FN"
+# Range of the per-patient date shift, days.
+date_shift_days = [-3650, -365]
+# Modalities taken to carry burned-in text when Burned In Annotation is absent. Such instances
+# (and any with Burned In Annotation YES) are admitted only if a pixel rule matches them.
+burned_in_modalities = ["US", "SC", "OT", "XC", "ES", "DOC"]
+# A pixel rule blacks out rectangles [x, y, width, height] in every frame of matching images:
+# [[deid.pixel_rules]]
+# name = "vendor X ultrasound header bar"
+# manufacturer = "VendorX"
+# model = "Sono 5"
+# modality = "US"
+# rows = 480
+# columns = 640
+# rectangles = [[0, 0, 640, 40]]
+
+[tasks]
+# AI tasks (plugins): built-in names or "package.module:attr" references.
+enabled = ["chest_xray"]
+# A study is complete (and its tasks run) after no instance arrived for this many seconds.
+quiet_period_seconds = 300
+
+[logging]
+# DEBUG, INFO, WARNING or ERROR; format "text" or "json". Logs never contain patient data.
+level = "INFO"
+format = "text"
+"""
+
+PEER_BLOCK = """[[dicom.peers]]
+ae_title = "{ae_title}"
+{host_line}"""
+
+
+def render(
+    *,
+    ae_title: str = "FEDNODE",
+    data_dir: str = "fednode-data",
+    host: str = "0.0.0.0",
+    port: int = 11112,
+    peers: list[tuple[str, str | None]] | None = None,
+) -> str:
+    """The commented config with these values filled in."""
+    blocks = []
+    for peer_ae, peer_host in peers or []:
+        host_line = f'host = "{peer_host}"\n' if peer_host else ""
+        blocks.append(PEER_BLOCK.format(ae_title=peer_ae, host_line=host_line))
+    if not blocks:
+        blocks.append('# [[dicom.peers]]\n# ae_title = "PACS"\n# host = "10.0.0.5"\n# port = 104\n')
+    return TEMPLATE.format(
+        ae_title=ae_title, data_dir=data_dir, host=host, port=port, peers="\n".join(blocks)
+    )

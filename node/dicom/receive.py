@@ -1,0 +1,353 @@
+"""Durable receipt of one C-STORE: the work between "dataset received" and "status sent".
+
+Order (PS3.4 B.2.3: a success status means the SCP has taken responsibility for the instance):
+
+1. validate the encoding and the four UIDs (failure statuses 0xC000 family, 0xA900);
+2. check the data volume's free-space floor (0xA700 below it);
+3. encrypt the received bytes into the spool (AES-GCM, tmp + fsync + rename);
+4. in one database transaction insert the instance row and its ``deidentify`` job;
+5. only then answer 0x0000.
+
+If step 3 or 4 fails the spool file is removed and the SCP answers 0xA700: nothing is
+acknowledged that is not kept. A re-send of a known SOP Instance UID is acknowledged without a
+second row or job. Every identifier written in clear is the keyed pseudonym of a UID.
+
+Group commit (step 4): the concurrent stores of one SCP process commit together. One of them
+(the leader, see :class:`_GroupCommitter`) makes the spool folder durable: one fsync for the
+names of all files written for the batch (step 3 fsyncs each file's bytes; the renames become
+durable here, still before any row refers to them). It then writes every waiting row in one
+transaction (each instance's row and job together in it); each store answers only after the
+transaction holding its row has committed. A commit costs an fsync of the WAL and, on
+SQLite, a turn of the single write lock that all processes queue for; under concurrent
+associations one commit covers several instances, a lone association commits its own. If a
+batch fails for any reason other than the database or spool being unavailable, its
+instances are retried one transaction each, so one bad row cannot fail its neighbours.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import secrets
+import threading
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import bindparam, select
+from sqlalchemy.dialects import postgresql, sqlite
+
+from node.audit import audit
+from node.deid.pseudonyms import uid_pseudonym
+from node.dicom.inspect import DatasetHeader, MalformedDataset, inspect_dataset
+from node.dicom.status import Status
+from storage.audit import AuditKind
+from storage.db import Database
+from storage.errors import StorageError
+from storage.files import free_bytes
+from storage.models import Instance
+from storage.queue import JobQueue
+from storage.records import InstanceState
+from storage.spool import Spool
+
+logger = logging.getLogger(__name__)
+
+DEIDENTIFY = "deidentify"
+_ROW_COLUMNS = ("sop_key", "study_key", "series_key", "sop_class_uid", "transfer_syntax_uid",
+                "calling_ae", "size_bytes", "state", "spool_name")
+# Most instances one group commit writes (bounds the transaction and the wait behind it).
+MAX_BATCH = 64
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """The answer to one C-STORE: a status, an error comment (≤ 64 chars, no PHI)."""
+
+    status: Status
+    comment: str = ""
+    sop_key: str | None = None
+    study_key: str | None = None
+    duplicate: bool = False
+
+
+class Receiver:
+    """Keeps received instances durably: encrypted spool + one database transaction."""
+
+    def __init__(
+        self,
+        *,
+        db: Database,
+        queue: JobQueue,
+        spool: Spool,
+        site_key: bytes,
+        data_dir: Path,
+        free_space_floor_bytes: int,
+    ) -> None:
+        self.db = db
+        self.queue = queue
+        self.spool = spool
+        self.site_key = site_key
+        self.data_dir = data_dir
+        self.floor = free_space_floor_bytes
+        table = Instance.__table__
+        # Built once: a Core statement with bound parameters is compiled once and cached,
+        # where building the insert per row costs more than executing it.
+        self._insert_row = (
+            (postgresql if db.is_postgresql else sqlite)
+            .insert(table)
+            .values({name: bindparam(name) for name in _ROW_COLUMNS})
+            .on_conflict_do_nothing(index_elements=["sop_key"])
+            .returning(table.c.id)
+        )
+        self._known = select(table.c.id).where(table.c.sop_key == bindparam("sop_key"))
+        self._committer = _GroupCommitter(self._write_rows, self._writer_turn)
+        # SQLite: the SCP processes take turns through a lock file (see _writer_turn).
+        self._turn_path = None if db.is_postgresql else data_dir / ".receive-write.lock"
+        self._turn_fd: tuple[int, int] | None = None  # (pid, fd): opened once per process
+
+    def store(
+        self,
+        raw: bytes | bytearray | memoryview,
+        *,
+        transfer_syntax: str,
+        sop_class_uid: str,
+        sop_instance_uid: str,
+        calling_ae: str,
+    ) -> Outcome:
+        """Validate, keep and queue one received dataset; return the status to answer."""
+        try:
+            header, missing = inspect_dataset(raw, transfer_syntax)
+        except MalformedDataset as exc:
+            return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling_ae)
+        if header is None:
+            return self._refuse(
+                Status.CANNOT_UNDERSTAND_MISSING_UID, "missing " + ", ".join(missing), calling_ae
+            )
+        if header.sop_instance_uid != sop_instance_uid.strip("\x00 "):
+            return self._refuse(
+                Status.CANNOT_UNDERSTAND_UID_MISMATCH,
+                "SOP Instance UID differs from the request",
+                calling_ae,
+            )
+        if header.sop_class_uid != sop_class_uid.strip("\x00 "):
+            return self._refuse(
+                Status.DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOP Class UID differs from the request",
+                calling_ae,
+            )
+        try:
+            if free_bytes(self.data_dir) - len(raw) < self.floor:
+                return self._refuse(
+                    Status.OUT_OF_RESOURCES, "data volume below free-space floor", calling_ae
+                )
+        except OSError:
+            return self._refuse(Status.OUT_OF_RESOURCES, "data volume unavailable", calling_ae)
+        return self._keep(raw, header, transfer_syntax, calling_ae)
+
+    def _keep(
+        self,
+        raw: bytes | bytearray | memoryview,
+        header: DatasetHeader,
+        transfer_syntax: str,
+        calling_ae: str,
+    ) -> Outcome:
+        sop_key = uid_pseudonym(self.site_key, header.sop_instance_uid)
+        study_key = uid_pseudonym(self.site_key, header.study_instance_uid)
+        series_key = uid_pseudonym(self.site_key, header.series_instance_uid)
+        try:
+            with self.db.read() as conn:
+                known = conn.execute(self._known, {"sop_key": sop_key}).scalar_one_or_none()
+        except StorageError:
+            return self._refuse(Status.OUT_OF_RESOURCES, "database unavailable", calling_ae)
+        if known is not None:
+            return Outcome(Status.SUCCESS, sop_key=sop_key, study_key=study_key, duplicate=True)
+
+        spool_name = f"{sop_key[5:]}-{secrets.token_hex(4)}"
+        try:
+            self.spool.put(spool_name, raw, sync_dir=False)  # the committer syncs the folder
+        except StorageError:
+            self._discard(spool_name)
+            return self._refuse(Status.OUT_OF_RESOURCES, "spool write failed", calling_ae)
+        row = {
+            "sop_key": sop_key,
+            "study_key": study_key,
+            "series_key": series_key,
+            "sop_class_uid": header.sop_class_uid,
+            "transfer_syntax_uid": str(transfer_syntax),
+            "calling_ae": calling_ae,
+            "size_bytes": len(raw),
+            "state": InstanceState.RECEIVED.value,
+            "spool_name": spool_name,
+        }
+        try:
+            instance_id = self._committer.write(row)
+        except StorageError:
+            self._discard(spool_name)
+            return self._refuse(Status.OUT_OF_RESOURCES, "database unavailable", calling_ae)
+        except BaseException:
+            self._discard(spool_name)  # nothing half-written; the SCP answers a failure
+            raise
+        if instance_id is None:  # a concurrent association stored the same instance first
+            self._discard(spool_name)
+            return Outcome(Status.SUCCESS, sop_key=sop_key, study_key=study_key, duplicate=True)
+        return Outcome(Status.SUCCESS, sop_key=sop_key, study_key=study_key)
+
+    def _write_rows(self, rows: list[dict[str, Any]]) -> list[int | None]:
+        """Make the rows' spool files durable by name, then insert *rows* and a
+        ``deidentify`` job for each new one, in one transaction.
+
+        Returns each row's instance id, ``None`` where the SOP Instance was already known.
+        """
+        self.spool.sync()
+        ids: list[int | None] = []
+        with self.db.session() as s:
+            for row in rows:
+                instance_id = s.connection().execute(self._insert_row, row).scalar_one_or_none()
+                if instance_id is not None:
+                    self.queue.enqueue(
+                        DEIDENTIFY,
+                        {"instance_id": instance_id},
+                        dedupe_key=f"{DEIDENTIFY}:{row['sop_key']}",
+                        session=s,
+                    )
+                ids.append(instance_id)
+        return ids
+
+    @contextmanager
+    def _writer_turn(self) -> Iterator[None]:
+        """On SQLite, hold an exclusive ``flock`` shared by the node's SCP processes while
+        writing. SQLite's own busy handler polls a held write lock with sleeps of 1, 2, 5,
+        10 … 100 ms, so under contention most of the lock's time is lost to sleeping and one
+        process can starve another; blocked on the flock, the next process's leader wakes
+        as soon as the lock is released (and its batch has grown meanwhile). Other writers
+        (workers, the CLI) still meet SQLite's busy timeout as before."""
+        if self._turn_path is None:
+            yield
+            return
+        pid = os.getpid()
+        if self._turn_fd is None or self._turn_fd[0] != pid:  # a flock is per open file
+            fd = os.open(self._turn_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._turn_fd = (pid, fd)
+        fd = self._turn_fd[1]
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            raise StorageError("cannot take the receive write lock") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+
+    def _discard(self, spool_name: str) -> None:
+        try:
+            self.spool.delete(spool_name)
+        except StorageError:
+            logger.error("could not remove spool item %s after a failed store", spool_name)
+
+    def _refuse(self, status: Status, comment: str, calling_ae: str) -> Outcome:
+        logger.warning(
+            "C-STORE refused: status=0x%04X calling_ae=%s reason=%s", status, calling_ae, comment
+        )
+        audit(
+            self.db,
+            self.data_dir,
+            AuditKind.STORE_FAILED,
+            outcome="failure",
+            actor=calling_ae,
+            status=f"0x{status:04X}",
+            reason=comment,
+        )
+        return Outcome(status, comment[:64])
+
+
+@dataclass
+class _Waiting:
+    row: dict[str, Any]
+    finished: bool = False
+    instance_id: int | None = None
+    error: BaseException | None = None
+
+
+class _GroupCommitter:
+    """Leader/follower group commit of rows through *write* (rows → ids, one transaction).
+
+    The first store to arrive while no transaction is running becomes the leader. It takes
+    the node-wide writer turn (*turn*, see :meth:`Receiver._writer_turn`) and only then every
+    row waiting (its own included, up to ``MAX_BATCH``): the rows that arrived while another
+    process held the turn join the batch. It runs the transaction and wakes the others;
+    stores arriving meanwhile wait, and one of them leads the next batch. Uncontended, a store
+    commits its own row in its own thread (no hand-off); contended, one transaction covers
+    many rows.
+    """
+
+    def __init__(self, write: Any, turn: Any) -> None:
+        self._write = write
+        self._turn = turn
+        self._cond = threading.Condition()
+        self._waiting: list[_Waiting] = []
+        self._busy = False
+
+    def write(self, row: dict[str, Any]) -> int | None:
+        """Write *row*; return its id once its transaction has committed (or raise)."""
+        item = _Waiting(row)
+        with self._cond:
+            self._waiting.append(item)
+            while not item.finished:
+                if self._busy:
+                    self._cond.wait()
+                    continue
+                self._busy = True
+                self._cond.release()
+                try:
+                    self._lead()
+                finally:
+                    self._cond.acquire()
+                    self._busy = False
+                    self._cond.notify_all()
+        if item.error is not None:
+            raise item.error
+        return item.instance_id
+
+    def _take(self) -> list[_Waiting]:
+        with self._cond:
+            batch = self._waiting[:MAX_BATCH]
+            del self._waiting[:MAX_BATCH]
+        return batch
+
+    def _lead(self) -> None:
+        with ExitStack() as stack:
+            try:
+                stack.enter_context(self._turn())
+            except Exception as exc:  # no turn, no transaction: the waiting stores fail
+                self._finish(self._take(), exc)
+                return
+            self._commit(self._take())
+
+    def _commit(self, batch: list[_Waiting]) -> None:
+        try:
+            ids = self._write([item.row for item in batch])
+        except StorageError as exc:  # the database or spool is unavailable: every store fails
+            self._finish(batch, exc)
+            return
+        except Exception as exc:
+            if len(batch) == 1:  # raised again in the store that wrote this row
+                self._finish(batch, exc)
+                return
+            for item in batch:  # isolate the failing row: one transaction each
+                self._commit([item])
+            return
+        except BaseException as exc:
+            self._finish(batch, exc)
+            raise
+        for item, instance_id in zip(batch, ids, strict=True):
+            item.instance_id = instance_id
+            item.finished = True
+
+    @staticmethod
+    def _finish(batch: list[_Waiting], error: BaseException) -> None:
+        for item in batch:
+            item.error = error
+            item.finished = True

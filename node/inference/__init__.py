@@ -1,0 +1,1 @@
+"""Homomorphic-encrypted inference with TenSEAL CKKS (a later issue; see shared DESIGN.md)."""

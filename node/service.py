@@ -1,0 +1,229 @@
+"""``fednode serve``: a supervisor with SCP processes and worker processes.
+
+The supervisor checks everything that can be wrong before anything listens (config, master
+secret, database reachable and migrated, task plugins), binds the DICOM port once, and forks:
+
+- ``dicom.processes`` SCP processes that accept on the shared listening socket (the kernel
+  hands each connection to one of them, so the node uses every core despite the GIL);
+- ``workers.count`` worker processes that lease and run jobs.
+
+Children die with the supervisor (``PR_SET_PDEATHSIG``), so a killed node never leaves a
+half-alive child holding the port. A child that dies unexpectedly is restarted with backoff.
+
+SIGTERM or SIGINT: the SCP processes stop accepting associations, finish the in-flight ones
+(up to ``dicom.shutdown_grace_seconds``), the workers finish or give back their job, and the
+supervisor exits 0.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+from node.config import Settings
+from node.errors import NetworkError
+from node.logs import configure_logging
+
+logger = logging.getLogger(__name__)
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:  # not Linux: the supervisor's own SIGTERM path still stops children
+        pass
+
+
+def preflight(settings: Settings) -> None:
+    """Everything ``serve`` checks before it listens; raises a NodeError/StorageError."""
+    from node.keys import load_keys
+    from node.pipeline import load_handlers
+    from node.runtime import open_database
+
+    load_keys(settings.secret_path)
+    db = open_database(settings)
+    try:
+        db.check_reachable()
+        db.check_migrated()
+    finally:
+        db.dispose()
+    load_handlers()
+    from node.tasks import load_tasks
+
+    load_tasks(settings)
+    settings.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> None:
+    _die_with_parent()
+    configure_logging(settings.logging.level, settings.logging.format)
+    from node.dicom.receive import Receiver
+    from node.dicom.scp import StorageSCP
+    from node.runtime import open_context
+
+    ctx = open_context(settings)
+    receiver = Receiver(
+        db=ctx.db,
+        queue=ctx.queue,
+        spool=ctx.spool,
+        site_key=ctx.keys.site,
+        data_dir=settings.data_dir,
+        free_space_floor_bytes=settings.dicom.free_space_floor_mb * 1024 * 1024,
+    )
+    scp = StorageSCP(settings, receiver, processes=processes)
+    # Everything built so far (modules, contexts, engine) lives as long as the process: move it
+    # out of the collector's reach. A full collection otherwise walks ~10^5 objects (≈ 50 ms
+    # with the GIL held, stalling every association), and pynetdicom's server forces one every
+    # 60 accept-loop turns.
+    gc.collect()
+    gc.freeze()
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    thread = threading.Thread(target=scp.serve, args=(listening,), name="scp-accept", daemon=True)
+    thread.start()
+    stop.wait()
+    aborted = scp.stop(settings.dicom.shutdown_grace_seconds)
+    if aborted:
+        logger.warning("aborted %d association(s) still open after the grace period", aborted)
+    ctx.db.dispose()
+    sys.exit(0)
+
+
+def _worker_main(settings: Settings, index: int) -> None:
+    _die_with_parent()
+    configure_logging(settings.logging.level, settings.logging.format)
+    from node.pipeline import load_handlers
+    from node.runtime import open_context
+    from node.worker import Worker
+
+    ctx = open_context(settings)
+    worker = Worker(ctx, load_handlers(), name=f"{socket.gethostname()}:w{index}:{os.getpid()}")
+
+    def _on_term(*_: Any) -> None:
+        worker.stop.set()
+
+        def _deadline() -> None:
+            time.sleep(settings.dicom.shutdown_grace_seconds)
+            if worker.current is not None:
+                logger.warning("giving job %d back: still running after the grace period",
+                               worker.current.id)
+                worker.release_current()
+            os._exit(0)
+
+        threading.Thread(target=_deadline, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, _on_term)
+    worker.run()
+    ctx.db.dispose()
+    sys.exit(0)
+
+
+@dataclass
+class _Child:
+    name: str
+    start: Callable[[], BaseProcess]
+    process: BaseProcess
+    restarts: int = 0
+    next_start: float = 0.0
+
+
+def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> int:
+    """Run the node until SIGTERM/SIGINT; return the exit code."""
+    preflight(settings)
+    cfg = settings.dicom
+    from node.dicom.scp import listen_socket
+
+    try:
+        listening = listen_socket(cfg.host, cfg.port)
+    except OSError as exc:
+        raise NetworkError(
+            f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}; fix: free the port or set "
+            "dicom.port (FEDNODE_DICOM__PORT)"
+        ) from exc
+
+    context = mp.get_context("fork")
+    processes = settings.scp_processes
+    children: list[_Child] = []
+
+    def _spawn_scp(i: int) -> Callable[[], BaseProcess]:
+        def start() -> BaseProcess:
+            p = context.Process(target=_scp_main, args=(settings, listening, processes),
+                                name=f"scp-{i}", daemon=False)
+            p.start()
+            return p
+        return start
+
+    def _spawn_worker(i: int) -> Callable[[], BaseProcess]:
+        def start() -> BaseProcess:
+            p = context.Process(target=_worker_main, args=(settings, i), name=f"worker-{i}",
+                                daemon=False)
+            p.start()
+            return p
+        return start
+
+    stopping = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
+    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+
+    for i in range(processes):
+        start = _spawn_scp(i)
+        children.append(_Child(f"scp-{i}", start, start()))
+    for i in range(settings.workers.count):
+        start = _spawn_worker(i)
+        children.append(_Child(f"worker-{i}", start, start()))
+
+    message = (
+        f"fednode listening on {cfg.host}:{cfg.port} as AE {settings.node.ae_title} "
+        f"({processes} SCP process(es), {settings.workers.count} worker(s))"
+    )
+    logger.info(message)
+    if ready is not None:
+        ready(message)
+
+    while not stopping.is_set():
+        now = time.monotonic()
+        for child in children:
+            if child.process.is_alive() or stopping.is_set():
+                continue
+            if child.next_start == 0.0:
+                child.restarts += 1
+                delay = min(30.0, 0.5 * 2 ** min(child.restarts, 6))
+                child.next_start = now + delay
+                logger.error("%s exited with code %s; restarting in %.1f s",
+                             child.name, child.process.exitcode, delay)
+            elif now >= child.next_start:
+                child.process = child.start()
+                child.next_start = 0.0
+        stopping.wait(0.5)
+
+    logger.info("stopping: finishing in-flight associations and jobs")
+    for child in children:
+        if child.process.is_alive() and child.process.pid:
+            os.kill(child.process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + cfg.shutdown_grace_seconds + 10
+    for child in children:
+        child.process.join(max(0.1, deadline - time.monotonic()))
+        if child.process.is_alive() and child.process.pid:
+            logger.warning("%s did not stop in time; killing it", child.name)
+            os.kill(child.process.pid, signal.SIGKILL)
+            child.process.join(5)
+    listening.close()
+    logger.info("fednode stopped")
+    return 0

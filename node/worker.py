@@ -1,0 +1,155 @@
+"""The job loop of one worker process: lease, dispatch by kind, retry with backoff, heartbeat,
+dead-letter, graceful SIGTERM.
+
+A handler that returns completes its job. :class:`~node.pipeline.PermanentJobError`
+dead-letters at once; any other exception is retried after ``backoff_seconds * 2**(attempt-1)``
+(capped at ``backoff_max_seconds``, with ±20 % jitter so that failing jobs do not retry in
+lock-step) until ``max_attempts``, then dead-lettered with the last error. While a handler runs
+a heartbeat thread extends the lease. On SIGTERM the worker finishes the job in hand; if that
+takes longer than the grace period it gives the lease back and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import threading
+import time
+from collections.abc import Mapping
+
+from node.config import WorkersSection
+from node.pipeline import PERIODIC, Handler, JobContext, PermanentJobError
+from storage.audit import AuditKind
+from storage.errors import StorageError
+from storage.records import Job, JobState
+
+logger = logging.getLogger(__name__)
+
+
+def backoff_delay(attempt: int, base: float, cap: float, *, jitter: float = 0.2) -> float:
+    """Seconds to wait before retry number *attempt* (1-based)."""
+    delay: float = min(cap, base * 2.0 ** max(attempt - 1, 0))
+    return max(0.0, delay * (1 + random.uniform(-jitter, jitter)))
+
+
+class Worker:
+    """Leases and runs jobs of the registered kinds until :attr:`stop` is set."""
+
+    def __init__(
+        self,
+        ctx: JobContext,
+        handlers: Mapping[str, Handler],
+        *,
+        name: str | None = None,
+        periodic: bool = True,
+    ) -> None:
+        self.ctx = ctx
+        self.handlers = dict(handlers)
+        self.name = name or f"{socket.gethostname()}:{os.getpid()}"
+        self.stop = threading.Event()
+        self.current: Job | None = None
+        self._periodic_due: dict[str, float] = {}
+        self._run_periodic = periodic
+
+    @property
+    def _cfg(self) -> WorkersSection:
+        return self.ctx.settings.workers
+
+    def run(self) -> None:
+        """Loop until :attr:`stop` is set."""
+        kinds = sorted(self.handlers)
+        logger.info("worker %s started; job kinds: %s", self.name, ", ".join(kinds) or "(none)")
+        while not self.stop.is_set():
+            if self._run_periodic:
+                self.run_periodic()
+            try:
+                job = self.ctx.queue.lease(self.name, kinds, self._cfg.lease_seconds)
+            except StorageError as exc:
+                logger.warning("cannot lease jobs: %s", exc)
+                self.stop.wait(min(5.0, self._cfg.poll_seconds * 10))
+                continue
+            if job is None:
+                self.stop.wait(self._cfg.poll_seconds)
+                continue
+            self.run_one(job)
+        logger.info("worker %s stopped", self.name)
+
+    def run_periodic(self) -> None:
+        now = time.monotonic()
+        for name, (interval, fn) in PERIODIC.items():
+            due = self._periodic_due.get(name, 0.0)
+            if now < due:
+                continue
+            self._periodic_due[name] = now + interval
+            try:
+                fn(self.ctx)
+            except Exception as exc:
+                logger.error("periodic task %s failed: %s: %s", name, type(exc).__name__, exc)
+
+    def run_one(self, job: Job) -> JobState | None:
+        """Run one leased job to its outcome; return the job's new state."""
+        handler = self.handlers.get(job.kind)
+        self.current = job
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat, args=(job, beat_stop), daemon=True)
+        beat.start()
+        started = time.monotonic()
+        try:
+            if handler is None:
+                raise PermanentJobError(f"no handler for job kind {job.kind!r}")
+            handler(job, self.ctx)
+        except PermanentJobError as exc:
+            return self._fail(job, str(exc), permanent=True)
+        except Exception as exc:
+            return self._fail(job, f"{type(exc).__name__}: {exc}", permanent=False)
+        else:
+            if self.ctx.queue.complete(job):
+                logger.info(
+                    "job %d (%s) done in %.3f s", job.id, job.kind, time.monotonic() - started
+                )
+                return JobState.DONE
+            logger.warning("job %d (%s) finished after its lease was lost", job.id, job.kind)
+            return None
+        finally:
+            beat_stop.set()
+            self.current = None
+
+    def _fail(self, job: Job, error: str, *, permanent: bool) -> JobState | None:
+        cfg = self._cfg
+        if permanent or job.attempts >= job.max_attempts:
+            state = self.ctx.queue.fail(job, error, retry_in=None)
+            logger.error("job %d (%s) dead-lettered after %d attempt(s): %s",
+                         job.id, job.kind, job.attempts, error)
+            if state is JobState.DEAD:
+                from node.audit import audit
+
+                audit(self.ctx.db, self.ctx.settings.data_dir, AuditKind.JOB_DEAD,
+                      outcome="failure", actor=self.name, job_id=job.id, job_kind=job.kind,
+                      error=error[:500])
+            return state
+        delay = backoff_delay(job.attempts, cfg.backoff_seconds, cfg.backoff_max_seconds)
+        logger.warning("job %d (%s) attempt %d/%d failed, retry in %.1f s: %s",
+                       job.id, job.kind, job.attempts, job.max_attempts, delay, error)
+        return self.ctx.queue.fail(job, error, retry_in=delay)
+
+    def _heartbeat(self, job: Job, done: threading.Event) -> None:
+        interval = max(self._cfg.lease_seconds / 3, 0.05)
+        while not done.wait(interval):
+            try:
+                if not self.ctx.queue.heartbeat(job, self._cfg.lease_seconds):
+                    logger.warning("job %d lost its lease", job.id)
+                    return
+            except StorageError as exc:
+                logger.warning("heartbeat of job %d failed: %s", job.id, exc)
+
+    def release_current(self) -> bool:
+        """Give the job in hand back to the queue (shutdown past the grace period)."""
+        job = self.current
+        if job is None:
+            return False
+        try:
+            return self.ctx.queue.release(job)
+        except StorageError:
+            return False

@@ -1,0 +1,46 @@
+"""Content-addressed blob store for de-identified instances (SHA-256, atomic writes)."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from storage.errors import IntegrityError, StorageError
+from storage.files import atomic_write
+
+
+class BlobStore:
+    """Immutable blobs named by the SHA-256 of their bytes, under ``root/ab/cd/<digest>``."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def path(self, digest: str) -> Path:
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise StorageError("invalid blob digest")
+        return self.root / digest[:2] / digest[2:4] / digest
+
+    def put(self, data: bytes) -> str:
+        """Store *data* (idempotent) and return its digest."""
+        digest = hashlib.sha256(data).hexdigest()
+        path = self.path(digest)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                atomic_write(path, data, mode=0o600)
+            except OSError as exc:
+                raise StorageError(f"cannot write blob: {exc.strerror}") from exc
+        return digest
+
+    def get(self, digest: str, *, verify: bool = True) -> bytes:
+        try:
+            data = self.path(digest).read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read blob {digest[:12]}: {exc.strerror}") from exc
+        if verify and hashlib.sha256(data).hexdigest() != digest:
+            raise IntegrityError(f"blob {digest[:12]} does not match its digest")
+        return data
+
+    def exists(self, digest: str) -> bool:
+        return self.path(digest).exists()

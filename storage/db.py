@@ -1,0 +1,173 @@
+"""One engine per process and a ``session()`` context manager that commits or rolls back.
+
+SQLite (the embedded default) runs in WAL mode with ``synchronous=FULL`` so that a committed
+transaction survives a power cut as well as a kill -9; PostgreSQL is reached through psycopg 3.
+Driver errors are translated to :class:`~storage.errors.DatabaseUnavailable` at this boundary.
+
+On SQLite every :meth:`Database.session` takes the write lock up front (``BEGIN IMMEDIATE``);
+:meth:`Database.read` is for short lookups that must not queue behind (or hold up) writers:
+in WAL mode a deferred read transaction sees the last commit and takes no write lock.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, inspect
+from sqlalchemy.engine import Connection, Engine, make_url
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import IntegrityError as SQLAlchemyIntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from storage.errors import DatabaseUnavailable, NotMigrated
+
+logger = logging.getLogger(__name__)
+
+MIGRATIONS_DIR = Path(__file__).parent / "migrations"
+_READ_ONLY = "fednode_read_only"
+
+
+class Database:
+    """The database of one node process."""
+
+    def __init__(
+        self, url: str, *, busy_timeout_ms: int = 10000, pool_size: int = 5, echo: bool = False
+    ) -> None:
+        self.url = url
+        parsed = make_url(url)
+        self.dialect = parsed.get_backend_name()
+        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        if self.dialect == "sqlite":
+            if parsed.database and parsed.database != ":memory:":
+                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+            kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000, "isolation_level": None}
+        else:
+            kwargs.update(
+                pool_size=pool_size,
+                pool_pre_ping=True,
+                connect_args={"connect_timeout": 5},
+            )
+        self.engine: Engine = create_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            _configure_sqlite(self.engine, busy_timeout_ms)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def is_postgresql(self) -> bool:
+        return self.dialect == "postgresql"
+
+    @contextmanager
+    def session(self) -> Iterator[Session]:
+        """A session in one transaction: committed on success, rolled back on error."""
+        try:
+            with self._sessions() as session, session.begin():
+                yield session
+        except SQLAlchemyIntegrityError:
+            raise  # a constraint the caller must handle, not an outage
+        except DBAPIError as exc:
+            # Connection refused or lost, locked, read-only, disk full, schema missing: the
+            # database cannot keep what it is given. Callers answer "out of resources".
+            raise DatabaseUnavailable(
+                f"database {self.dialect} unavailable: {type(exc.orig).__name__}"
+            ) from exc
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A connection for reads only, in a transaction that is rolled back at the end.
+
+        On SQLite the transaction is deferred (plain ``BEGIN``), so it neither waits for nor
+        blocks writers; on PostgreSQL it is an ordinary transaction.
+        """
+        try:
+            with self.engine.connect() as conn:
+                yield conn.execution_options(**{_READ_ONLY: True})
+        except DBAPIError as exc:
+            raise DatabaseUnavailable(
+                f"database {self.dialect} unavailable: {type(exc.orig).__name__}"
+            ) from exc
+
+    def check_reachable(self) -> None:
+        """Open a connection, or raise :class:`DatabaseUnavailable`."""
+        try:
+            with self.engine.connect() as conn:
+                conn.exec_driver_sql("SELECT 1")
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailable(
+                f"cannot reach the {self.dialect} database: {type(exc).__name__}"
+            ) from exc
+
+    def current_revision(self) -> str | None:
+        """The Alembic revision the database is at (``None`` when unmigrated)."""
+        from alembic.runtime.migration import MigrationContext
+
+        try:
+            with self.engine.connect() as conn:
+                return MigrationContext.configure(conn).get_current_revision()
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailable(
+                f"cannot reach the {self.dialect} database: {type(exc).__name__}"
+            ) from exc
+
+    def head_revision(self) -> str | None:
+        from alembic.script import ScriptDirectory
+
+        return ScriptDirectory.from_config(self._alembic_config()).get_current_head()
+
+    def check_migrated(self) -> None:
+        """Raise :class:`NotMigrated` unless the schema is at the newest revision."""
+        current, head = self.current_revision(), self.head_revision()
+        if current != head:
+            raise NotMigrated(
+                f"the database is at revision {current or '(none)'}, the node needs {head}; "
+                "fix: run `fednode db upgrade`"
+            )
+
+    def upgrade(self, revision: str = "head") -> None:
+        """Run the Alembic migrations up to *revision*."""
+        from alembic import command
+
+        try:
+            command.upgrade(self._alembic_config(), revision)
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailable(
+                f"cannot migrate the {self.dialect} database: {type(exc).__name__}"
+            ) from exc
+
+    def _alembic_config(self) -> Any:
+        from alembic.config import Config
+
+        cfg = Config()
+        cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def table_names(self) -> list[str]:
+        return inspect(self.engine).get_table_names()
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        cur.execute("PRAGMA journal_mode=WAL")
+        cur.execute("PRAGMA synchronous=FULL")
+        cur.execute("PRAGMA foreign_keys=ON")
+        cur.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+        cur.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Any) -> None:
+        # BEGIN IMMEDIATE takes the write lock up front, so two writers queue on busy_timeout
+        # instead of failing with "database is locked" when one upgrades a read lock.
+        # Database.read() connections never write: a deferred BEGIN takes no write lock.
+        if conn.get_execution_options().get(_READ_ONLY):
+            conn.exec_driver_sql("BEGIN")
+        else:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")

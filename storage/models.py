@@ -1,0 +1,206 @@
+"""Typed SQLAlchemy 2 models. Every identifier in clear is a keyed pseudonym (never an original
+UID, name or ID); originals live only in the encrypted vault columns."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC timestamps on every backend (SQLite stores them naive)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: object) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Instance(Base):
+    """One received SOP instance, known by its pseudonymous SOP Instance UID."""
+
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sop_key: Mapped[str] = mapped_column(String(64), unique=True)
+    study_key: Mapped[str] = mapped_column(String(64), index=True)
+    series_key: Mapped[str] = mapped_column(String(64))
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str] = mapped_column(String(16))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    spool_name: Mapped[str | None] = mapped_column(String(128))
+    blob_digest: Mapped[str | None] = mapped_column(String(64))
+    reject_reason: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Study(Base):
+    """A pseudonymous study: de-identified header facts and its assembly state."""
+
+    __tablename__ = "studies"
+
+    study_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    patient_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    accession_key: Mapped[str | None] = mapped_column(String(64), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    first_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class Series(Base):
+    """A pseudonymous series with the de-identified header facts that tasks select on."""
+
+    __tablename__ = "series"
+
+    series_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_key: Mapped[str] = mapped_column(ForeignKey("studies.study_key"), index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    body_part: Mapped[str | None] = mapped_column(String(64))
+    view_position: Mapped[str | None] = mapped_column(String(16))
+
+
+class DeidInstance(Base):
+    """A de-identified instance in the blob store (content-addressed by SHA-256)."""
+
+    __tablename__ = "deid_instances"
+
+    sop_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_key: Mapped[str] = mapped_column(ForeignKey("studies.study_key"), index=True)
+    series_key: Mapped[str] = mapped_column(ForeignKey("series.series_key"), index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    blob_digest: Mapped[str] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class VaultStudy(Base):
+    """AES-GCM encrypted original Patient / General Study header of one study."""
+
+    __tablename__ = "vault_studies"
+
+    study_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class VaultInstance(Base):
+    """AES-GCM encrypted original UIDs (study, series, SOP instance, SOP class) of one instance."""
+
+    __tablename__ = "vault_instances"
+
+    sop_key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    study_key: Mapped[str] = mapped_column(String(64), index=True)
+    ciphertext: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+class JobRow(Base):
+    """A queued unit of work. ``payload`` holds pseudonymous keys only."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_state_run_after", "state", "run_after"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    state: Mapped[str] = mapped_column(String(16))
+    payload: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+    dedupe_key: Mapped[str | None] = mapped_column(String(128), unique=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=5)
+    run_after: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    lease_owner: Mapped[str | None] = mapped_column(String(64))
+    lease_token: Mapped[str | None] = mapped_column(String(64))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class AuditEvent(Base):
+    """Append-only audit trail (PS3.15 Annex A.5 event kinds); pseudonymous identifiers only."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, index=True)
+    event: Mapped[str] = mapped_column(String(48), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str | None] = mapped_column(String(64))
+    detail: Mapped[dict[str, object]] = mapped_column(JSON, default=dict)
+
+
+class Label(Base):
+    """A training label of one study for one task, keyed by the pseudonymous study UID."""
+
+    __tablename__ = "labels"
+    __table_args__ = (UniqueConstraint("study_key", "task", name="uq_labels_study_task"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_key: Mapped[str] = mapped_column(String(64), index=True)
+    task: Mapped[str] = mapped_column(String(64), index=True)
+    label: Mapped[str] = mapped_column(String(64))
+    imported_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Result(Base):
+    """A task's result for one version of a study; a newer version supersedes older ones."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        UniqueConstraint("study_key", "task", "study_version", name="uq_results_version"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_key: Mapped[str] = mapped_column(String(64), index=True)
+    task: Mapped[str] = mapped_column(String(64))
+    study_version: Mapped[int] = mapped_column(Integer)
+    label: Mapped[str | None] = mapped_column(String(64))
+    probability: Mapped[float | None] = mapped_column(Float)
+    model_id: Mapped[str | None] = mapped_column(String(64))
+    superseded: Mapped[bool] = mapped_column(default=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

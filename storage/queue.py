@@ -1,0 +1,469 @@
+"""The job queue: one interface, a SQL implementation and an in-memory one.
+
+Semantics (the contract suite in ``tests/integration/test_queue_contract.py`` checks them on
+SQLite, PostgreSQL and memory):
+
+- ``enqueue`` with a ``dedupe_key`` creates at most one job per key, ever.
+- ``lease`` hands a due job to exactly one owner, counts an attempt, and sets a lease that
+  expires; an expired lease makes the job leasable again (a worker that died loses it).
+- ``complete`` / ``fail`` / ``release`` / ``heartbeat`` act only while the caller still holds the
+  lease (its token); a worker whose lease expired cannot overwrite another worker's outcome.
+- ``fail`` either re-queues the job after a delay or, with ``retry_in=None``, dead-letters it
+  keeping the last error; ``retry`` re-queues dead jobs.
+
+On PostgreSQL a lease uses ``SELECT … FOR UPDATE SKIP LOCKED``; on SQLite the ``BEGIN
+IMMEDIATE`` transaction of :class:`storage.db.Database` serialises the select-and-update.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from storage.db import Database
+from storage.models import JobRow
+from storage.records import Job, JobState
+
+MAX_ERROR_CHARS = 2000
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _token() -> str:
+    return secrets.token_hex(16)
+
+
+class JobQueue(ABC):
+    """What the worker and the SCP need from a queue."""
+
+    default_max_attempts: int = 5
+
+    @abstractmethod
+    def enqueue(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        dedupe_key: str | None = None,
+        run_after: datetime | None = None,
+        max_attempts: int | None = None,
+        session: Session | None = None,
+    ) -> int | None:
+        """Add a job; return its id, or ``None`` if *dedupe_key* already has a job.
+
+        With *session*, the job joins that transaction (SQL queue only).
+        """
+
+    @abstractmethod
+    def lease(self, owner: str, kinds: Sequence[str], lease_seconds: float) -> Job | None:
+        """Lease the next due job of one of *kinds*, or return ``None``."""
+
+    @abstractmethod
+    def heartbeat(self, job: Job, lease_seconds: float) -> bool:
+        """Extend the lease; ``False`` if the lease was lost."""
+
+    @abstractmethod
+    def complete(self, job: Job) -> bool:
+        """Mark the job done; ``False`` if the lease was lost."""
+
+    @abstractmethod
+    def fail(self, job: Job, error: str, *, retry_in: float | None) -> JobState | None:
+        """Record *error*; re-queue after *retry_in* seconds or dead-letter (``None``).
+
+        Returns the new state, or ``None`` if the lease was lost.
+        """
+
+    @abstractmethod
+    def release(self, job: Job) -> bool:
+        """Give the job back without counting the attempt (graceful shutdown)."""
+
+    @abstractmethod
+    def retry(self, ids: Iterable[int] | None = None) -> int:
+        """Re-queue dead jobs (all, or those in *ids*) with a fresh attempt budget."""
+
+    @abstractmethod
+    def purge(self, state: JobState, *, older_than: timedelta | None = None) -> int:
+        """Delete jobs in *state* (``done`` or ``dead``) last updated before *older_than* ago."""
+
+    @abstractmethod
+    def list(
+        self, *, state: JobState | None = None, kind: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        """Jobs, newest first."""
+
+    @abstractmethod
+    def counts(self) -> dict[tuple[str, JobState], int]:
+        """Number of jobs per (kind, state)."""
+
+
+# --------------------------------------------------------------------------------------------
+# SQL
+
+
+def _to_job(row: JobRow) -> Job:
+    return Job(
+        id=row.id,
+        kind=row.kind,
+        state=JobState(row.state),
+        payload=dict(row.payload or {}),
+        attempts=row.attempts,
+        max_attempts=row.max_attempts,
+        run_after=row.run_after,
+        created_at=row.created_at,
+        lease_token=row.lease_token,
+        lease_owner=row.lease_owner,
+        lease_expires_at=row.lease_expires_at,
+        last_error=row.last_error,
+        dedupe_key=row.dedupe_key,
+        updated_at=row.updated_at,
+    )
+
+
+class SqlQueue(JobQueue):
+    """The queue in the node's database (SQLite or PostgreSQL)."""
+
+    def __init__(self, db: Database, *, default_max_attempts: int = 5) -> None:
+        self.db = db
+        self.default_max_attempts = default_max_attempts
+
+    def enqueue(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        dedupe_key: str | None = None,
+        run_after: datetime | None = None,
+        max_attempts: int | None = None,
+        session: Session | None = None,
+    ) -> int | None:
+        now = _now()
+        values = {
+            "kind": kind,
+            "state": JobState.QUEUED.value,
+            "payload": payload,
+            "dedupe_key": dedupe_key,
+            "attempts": 0,
+            "max_attempts": max_attempts or self.default_max_attempts,
+            "run_after": run_after or now,
+            "created_at": now,
+            "updated_at": now,
+        }
+        dialect = postgresql if self.db.is_postgresql else sqlite
+        stmt = dialect.insert(JobRow).values(**values)
+        if dedupe_key is not None:
+            stmt = stmt.on_conflict_do_nothing(index_elements=["dedupe_key"])
+        stmt = stmt.returning(JobRow.id)
+        if session is not None:
+            return session.execute(stmt).scalar_one_or_none()
+        with self.db.session() as s:
+            return s.execute(stmt).scalar_one_or_none()
+
+    def lease(self, owner: str, kinds: Sequence[str], lease_seconds: float) -> Job | None:
+        if not kinds:
+            return None
+        now = _now()
+        due = or_(
+            and_(JobRow.state == JobState.QUEUED.value, JobRow.run_after <= now),
+            and_(JobRow.state == JobState.LEASED.value, JobRow.lease_expires_at < now),
+        )
+        with self.db.session() as s:
+            query = (
+                select(JobRow)
+                .where(JobRow.kind.in_(list(kinds)), due)
+                .order_by(JobRow.run_after, JobRow.id)
+                .limit(1)
+            )
+            if self.db.is_postgresql:
+                query = query.with_for_update(skip_locked=True)
+            row = s.execute(query).scalar_one_or_none()
+            if row is None:
+                return None
+            if row.state == JobState.LEASED.value and row.attempts >= row.max_attempts:
+                # Its worker died holding the last attempt: dead-letter, do not run again.
+                row.state = JobState.DEAD.value
+                row.last_error = (row.last_error or "") + " [lease expired on the last attempt]"
+                row.lease_token = row.lease_owner = row.lease_expires_at = None
+                row.updated_at = now
+                return None
+            row.state = JobState.LEASED.value
+            row.attempts += 1
+            row.lease_owner = owner[:64]
+            row.lease_token = _token()
+            row.lease_expires_at = now + timedelta(seconds=lease_seconds)
+            row.updated_at = now
+            s.flush()
+            return _to_job(row)
+
+    def _owned(self, job: Job) -> Any:
+        return and_(
+            JobRow.id == job.id,
+            JobRow.state == JobState.LEASED.value,
+            JobRow.lease_token == job.lease_token,
+        )
+
+    def _update(self, job: Job, **values: Any) -> bool:
+        values.setdefault("updated_at", _now())
+        with self.db.session() as s:
+            result = s.execute(update(JobRow).where(self._owned(job)).values(**values))
+            return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    def heartbeat(self, job: Job, lease_seconds: float) -> bool:
+        return self._update(job, lease_expires_at=_now() + timedelta(seconds=lease_seconds))
+
+    def complete(self, job: Job) -> bool:
+        return self._update(
+            job,
+            state=JobState.DONE.value,
+            lease_token=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+
+    def fail(self, job: Job, error: str, *, retry_in: float | None) -> JobState | None:
+        state = JobState.DEAD if retry_in is None else JobState.QUEUED
+        values: dict[str, Any] = {
+            "state": state.value,
+            "last_error": error[:MAX_ERROR_CHARS],
+            "lease_token": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        if retry_in is not None:
+            values["run_after"] = _now() + timedelta(seconds=retry_in)
+        return state if self._update(job, **values) else None
+
+    def release(self, job: Job) -> bool:
+        return self._update(
+            job,
+            state=JobState.QUEUED.value,
+            attempts=JobRow.attempts - 1,
+            lease_token=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+
+    def retry(self, ids: Iterable[int] | None = None) -> int:
+        stmt = update(JobRow).where(JobRow.state == JobState.DEAD.value)
+        if ids is not None:
+            stmt = stmt.where(JobRow.id.in_(list(ids)))
+        stmt = stmt.values(
+            state=JobState.QUEUED.value, attempts=0, run_after=_now(), updated_at=_now()
+        )
+        with self.db.session() as s:
+            return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+    def purge(self, state: JobState, *, older_than: timedelta | None = None) -> int:
+        if state not in (JobState.DONE, JobState.DEAD):
+            raise ValueError("only done or dead jobs can be purged")
+        stmt = delete(JobRow).where(JobRow.state == state.value)
+        if older_than is not None:
+            stmt = stmt.where(JobRow.updated_at < _now() - older_than)
+        with self.db.session() as s:
+            return int(s.execute(stmt).rowcount)  # type: ignore[attr-defined]
+
+    def list(
+        self, *, state: JobState | None = None, kind: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        query = select(JobRow).order_by(JobRow.id.desc()).limit(limit)
+        if state is not None:
+            query = query.where(JobRow.state == state.value)
+        if kind is not None:
+            query = query.where(JobRow.kind == kind)
+        with self.db.session() as s:
+            return [_to_job(r) for r in s.execute(query).scalars()]
+
+    def counts(self) -> dict[tuple[str, JobState], int]:
+        query = select(JobRow.kind, JobRow.state, func.count()).group_by(JobRow.kind, JobRow.state)
+        with self.db.session() as s:
+            return {(k, JobState(st)): int(n) for k, st, n in s.execute(query)}
+
+
+# --------------------------------------------------------------------------------------------
+# Memory
+
+
+class MemoryQueue(JobQueue):
+    """A thread-safe in-memory queue with the same contract (tests and offline tools)."""
+
+    def __init__(self, *, default_max_attempts: int = 5) -> None:
+        self.default_max_attempts = default_max_attempts
+        self._jobs: dict[int, Job] = {}
+        self._keys: set[str] = set()
+        self._ids = itertools.count(1)
+        self._lock = threading.Lock()
+
+    def enqueue(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        dedupe_key: str | None = None,
+        run_after: datetime | None = None,
+        max_attempts: int | None = None,
+        session: Session | None = None,
+    ) -> int | None:
+        now = _now()
+        with self._lock:
+            if dedupe_key is not None:
+                if dedupe_key in self._keys:
+                    return None
+                self._keys.add(dedupe_key)
+            job_id = next(self._ids)
+            self._jobs[job_id] = Job(
+                id=job_id,
+                kind=kind,
+                state=JobState.QUEUED,
+                payload=dict(payload),
+                attempts=0,
+                max_attempts=max_attempts or self.default_max_attempts,
+                run_after=run_after or now,
+                created_at=now,
+                dedupe_key=dedupe_key,
+                updated_at=now,
+            )
+            return job_id
+
+    def lease(self, owner: str, kinds: Sequence[str], lease_seconds: float) -> Job | None:
+        now = _now()
+        with self._lock:
+            due = [
+                j
+                for j in self._jobs.values()
+                if j.kind in kinds
+                and (
+                    (j.state is JobState.QUEUED and j.run_after <= now)
+                    or (
+                        j.state is JobState.LEASED
+                        and j.lease_expires_at is not None
+                        and j.lease_expires_at < now
+                    )
+                )
+            ]
+            if not due:
+                return None
+            job = min(due, key=lambda j: (j.run_after, j.id))
+            if job.state is JobState.LEASED and job.attempts >= job.max_attempts:
+                self._jobs[job.id] = replace(
+                    job,
+                    state=JobState.DEAD,
+                    last_error=(job.last_error or "") + " [lease expired on the last attempt]",
+                    lease_token=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=now,
+                )
+                return None
+            leased = replace(
+                job,
+                state=JobState.LEASED,
+                attempts=job.attempts + 1,
+                lease_owner=owner,
+                lease_token=_token(),
+                lease_expires_at=now + timedelta(seconds=lease_seconds),
+                updated_at=now,
+            )
+            self._jobs[job.id] = leased
+            return leased
+
+    def _swap(self, job: Job, **changes: Any) -> bool:
+        with self._lock:
+            current = self._jobs.get(job.id)
+            if (
+                current is None
+                or current.state is not JobState.LEASED
+                or current.lease_token != job.lease_token
+            ):
+                return False
+            self._jobs[job.id] = replace(current, updated_at=_now(), **changes)
+            return True
+
+    def heartbeat(self, job: Job, lease_seconds: float) -> bool:
+        return self._swap(job, lease_expires_at=_now() + timedelta(seconds=lease_seconds))
+
+    def complete(self, job: Job) -> bool:
+        return self._swap(
+            job, state=JobState.DONE, lease_token=None, lease_owner=None, lease_expires_at=None
+        )
+
+    def fail(self, job: Job, error: str, *, retry_in: float | None) -> JobState | None:
+        state = JobState.DEAD if retry_in is None else JobState.QUEUED
+        changes: dict[str, Any] = {
+            "state": state,
+            "last_error": error[:MAX_ERROR_CHARS],
+            "lease_token": None,
+            "lease_owner": None,
+            "lease_expires_at": None,
+        }
+        if retry_in is not None:
+            changes["run_after"] = _now() + timedelta(seconds=retry_in)
+        return state if self._swap(job, **changes) else None
+
+    def release(self, job: Job) -> bool:
+        with self._lock:
+            current = self._jobs.get(job.id)
+            attempts = current.attempts - 1 if current else 0
+        return self._swap(
+            job,
+            state=JobState.QUEUED,
+            attempts=attempts,
+            lease_token=None,
+            lease_owner=None,
+            lease_expires_at=None,
+        )
+
+    def retry(self, ids: Iterable[int] | None = None) -> int:
+        wanted = set(ids) if ids is not None else None
+        n = 0
+        with self._lock:
+            for job_id, job in list(self._jobs.items()):
+                if job.state is JobState.DEAD and (wanted is None or job_id in wanted):
+                    self._jobs[job_id] = replace(
+                        job, state=JobState.QUEUED, attempts=0, run_after=_now(), updated_at=_now()
+                    )
+                    n += 1
+        return n
+
+    def purge(self, state: JobState, *, older_than: timedelta | None = None) -> int:
+        if state not in (JobState.DONE, JobState.DEAD):
+            raise ValueError("only done or dead jobs can be purged")
+        cutoff = _now() - older_than if older_than is not None else None
+        with self._lock:
+            doomed = [
+                j.id
+                for j in self._jobs.values()
+                if j.state is state
+                and (cutoff is None or (j.updated_at is not None and j.updated_at < cutoff))
+            ]
+            for job_id in doomed:
+                del self._jobs[job_id]
+        return len(doomed)
+
+    def list(
+        self, *, state: JobState | None = None, kind: str | None = None, limit: int = 100
+    ) -> list[Job]:
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: j.id, reverse=True)
+        return [
+            j
+            for j in jobs
+            if (state is None or j.state is state) and (kind is None or j.kind == kind)
+        ][:limit]
+
+    def counts(self) -> dict[tuple[str, JobState], int]:
+        out: dict[tuple[str, JobState], int] = {}
+        with self._lock:
+            for j in self._jobs.values():
+                out[(j.kind, j.state)] = out.get((j.kind, j.state), 0) + 1
+        return out

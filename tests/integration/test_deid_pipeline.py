@@ -1,0 +1,353 @@
+"""The ``deidentify`` job on a real SQLite database, spool and blob store (design: the PHI
+boundary): rows, vault, audit, spool deletion, rejection, re-opening, idempotence, determinism."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import subprocess
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from pydicom.dataset import Dataset
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    UltrasoundImageStorage,
+    generate_uid,
+)
+from sqlalchemy import select, text, update
+
+from node.config import DeidSection, NodeSection, PixelRule, Settings, SpoolSection
+from node.deid import vault
+from node.deid.pseudonyms import token, uid_pseudonym
+from node.keys import NodeKeys
+from node.pipeline import PERIODIC, JobContext, PermanentJobError, load_handlers
+from node.pipeline.deidentify import KIND, deidentify_job, remove_rejected_spool
+from storage.db import Database
+from storage.models import AuditEvent, DeidInstance, Instance, Series, Study
+from storage.queue import SqlQueue
+from storage.records import InstanceState, StudyState
+from tests.support import dicomgen
+from tests.unit.deid_support import ct, encode, read
+
+MASTER = bytes(range(100, 132))
+PHI = ["DOE^JANE", "MRN0012345", "ACC20260001", "Harbour", "HOUSE^GREGORY", "Example General",
+       "TECH^TERRY", "19640213", "20260311"]
+
+
+def make_ctx(root: Path, master: bytes = MASTER, **deid: object) -> JobContext:
+    db = Database(f"sqlite:///{root}/t.db")
+    db.upgrade()
+    settings = Settings(
+        node=NodeSection(data_dir=root),
+        deid=DeidSection(**deid),  # type: ignore[arg-type]
+        spool=SpoolSection(reject_retention_hours=72),
+    )
+    return JobContext(settings=settings, db=db, queue=SqlQueue(db),
+                      keys=NodeKeys.from_master(master))
+
+
+def receive(ctx: JobContext, ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> int:
+    """What the SCP leaves behind (issue 2's contract): spool item, instance row, job."""
+    raw = encode(ds, syntax)
+    site = ctx.keys.site
+    sop_key = uid_pseudonym(site, ds.SOPInstanceUID)
+    name = f"{sop_key[5:]}-{secrets.token_hex(4)}"
+    ctx.spool.put(name, raw)
+    with ctx.db.session() as s:
+        row = Instance(
+            sop_key=sop_key,
+            study_key=uid_pseudonym(site, ds.StudyInstanceUID),
+            series_key=uid_pseudonym(site, ds.SeriesInstanceUID),
+            sop_class_uid=ds.SOPClassUID,
+            transfer_syntax_uid=syntax,
+            calling_ae="PACS",
+            size_bytes=len(raw),
+            state=InstanceState.RECEIVED.value,
+            spool_name=name,
+        )
+        s.add(row)
+        s.flush()
+        instance_id = row.id
+        ctx.queue.enqueue(KIND, {"instance_id": instance_id}, session=s)
+    return instance_id
+
+
+def run_one(ctx: JobContext) -> None:
+    job = ctx.queue.lease("test", [KIND], 60)
+    assert job is not None
+    try:
+        deidentify_job(job, ctx)
+    except Exception as exc:
+        ctx.queue.fail(job, str(exc), retry_in=None)
+        raise
+    assert ctx.queue.complete(job)
+
+
+def instance(ctx: JobContext, instance_id: int) -> Instance:
+    with ctx.db.session() as s:
+        row = s.get(Instance, instance_id)
+        assert row is not None
+        return row
+
+
+def test_handler_is_registered() -> None:
+    assert KIND in load_handlers()
+    assert "deid-sweep-rejected" in PERIODIC
+
+
+def test_deidentify_job_end_to_end(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    ds = ct()
+    instance_id = receive(ctx, ds)
+    spool_name = instance(ctx, instance_id).spool_name
+    run_one(ctx)
+
+    row = instance(ctx, instance_id)
+    assert row.state == InstanceState.DEIDENTIFIED.value and row.blob_digest
+    assert spool_name is not None and not ctx.spool.exists(spool_name)
+    data = ctx.blobs.get(row.blob_digest)
+    out = read(data)
+    assert out.SOPInstanceUID == row.sop_key  # keyed pseudonym, the SCP's key
+    assert out.PatientIdentityRemoved == "YES"
+    with ctx.db.session() as s:
+        study = s.get(Study, row.study_key)
+        series = s.get(Series, row.series_key)
+        deid = s.get(DeidInstance, row.sop_key)
+        events = [e.event for e in s.execute(select(AuditEvent)).scalars()]
+        assert study is not None and series is not None and deid is not None
+        assert (study.state, study.version) == (StudyState.RECEIVING.value, 1)
+        assert study.patient_key == token(ctx.keys.site, "patient-id", "MRN0012345")
+        assert study.accession_key == token(ctx.keys.site, "accession", "ACC20260001")
+        assert study.last_received_at is not None
+        assert (series.modality, series.study_key) == ("CT", row.study_key)
+        assert (deid.blob_digest, deid.size_bytes) == (row.blob_digest, len(data))
+    assert "deidentified" in events
+
+    original = vault.load_study(ctx.db, ctx.keys, row.study_key)
+    assert original is not None
+    assert str(original.PatientName) == "DOE^JANE^Q" and original.PatientID == "MRN0012345"
+    assert original.StudyInstanceUID == ds.StudyInstanceUID
+    assert original.AccessionNumber == "ACC20260001"
+    uids = vault.load_instances(ctx.db, ctx.keys, row.study_key)
+    assert set(uids) == {row.sop_key}
+    assert uids[row.sop_key].SOPInstanceUID == ds.SOPInstanceUID
+    assert uids[row.sop_key].SeriesInstanceUID == ds.SeriesInstanceUID
+    assert uids[row.sop_key].SOPClassUID == ds.SOPClassUID
+
+    # the PHI boundary: nothing identifying anywhere in the database in clear
+    dump = _dump(ctx.db)
+    for phi in [*PHI, ds.SOPInstanceUID, ds.StudyInstanceUID]:
+        assert phi.encode() not in dump, phi
+    for phi in PHI:
+        assert phi.encode() not in data
+
+
+def _dump(db: Database) -> bytes:
+    chunks = []
+    with db.engine.connect() as conn:
+        for (table,) in conn.execute(text("SELECT name FROM sqlite_master WHERE type='table'")):
+            for row in conn.execute(text(f'SELECT * FROM "{table}"')):
+                chunks.append(repr(tuple(row)).encode())
+    return b"\n".join(chunks)
+
+
+def test_vault_is_encrypted_and_bound_to_its_key(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    instance_id = receive(ctx, ct())
+    run_one(ctx)
+    row = instance(ctx, instance_id)
+    with ctx.db.session() as s:
+        blob = s.execute(text("SELECT ciphertext FROM vault_studies")).scalar_one()
+    assert b"DOE" not in blob
+    with pytest.raises(vault.VaultError):
+        vault.unseal(ctx.keys.vault, "2.25.1", blob)  # another study's key
+    other = NodeKeys.from_master(bytes(32))
+    with pytest.raises(vault.VaultError):
+        vault.load_study(ctx.db, other, row.study_key)
+
+
+def test_rerun_is_idempotent_and_removes_a_left_over_spool_item(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    instance_id = receive(ctx, ct())
+    job = ctx.queue.lease("test", [KIND], 60)
+    assert job is not None
+    deidentify_job(job, ctx)
+    row = instance(ctx, instance_id)
+    assert row.spool_name is not None
+    ctx.spool.put(row.spool_name, b"left behind by a crash after the commit")
+    deidentify_job(job, ctx)  # the same job again
+    assert not ctx.spool.exists(row.spool_name)
+    again = instance(ctx, instance_id)
+    assert again.blob_digest == row.blob_digest
+    with ctx.db.session() as s:
+        study = s.get(Study, row.study_key)
+        assert study is not None and study.version == 1
+        assert s.execute(select(DeidInstance)).scalars().all().__len__() == 1
+
+
+def test_crash_before_commit_then_rerun(tmp_path: Path) -> None:
+    """The blob was written but the rows were not: the re-run finishes the work once."""
+    ctx = make_ctx(tmp_path)
+    instance_id = receive(ctx, ct())
+    with pytest.MonkeyPatch.context() as mp:
+        def boom(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("power cut")
+
+        mp.setattr(vault, "store", boom)
+        job = ctx.queue.lease("test", [KIND], 60)
+        assert job is not None
+        with pytest.raises(RuntimeError):
+            deidentify_job(job, ctx)
+    row = instance(ctx, instance_id)
+    assert row.state == InstanceState.RECEIVED.value
+    assert row.spool_name is not None and ctx.spool.exists(row.spool_name)
+    deidentify_job(job, ctx)
+    assert instance(ctx, instance_id).state == InstanceState.DEIDENTIFIED.value
+
+
+def test_instance_for_a_complete_study_reopens_it(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    study = dicomgen.FakeStudy()
+    first = receive(ctx, ct(study, index=0))
+    run_one(ctx)
+    key = instance(ctx, first).study_key
+    with ctx.db.session() as s:
+        s.execute(update(Study).where(Study.study_key == key)
+                  .values(state=StudyState.COMPLETE.value, completed_at=datetime.now(UTC)))
+    receive(ctx, ct(study, index=1))
+    run_one(ctx)
+    with ctx.db.session() as s:
+        row = s.get(Study, key)
+        assert row is not None
+        assert (row.state, row.version, row.completed_at) == (StudyState.RECEIVING.value, 2, None)
+
+
+def test_syntaxes_through_the_job(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    for syntax in (ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian):
+        instance_id = receive(ctx, ct(), syntax)
+        run_one(ctx)
+        row = instance(ctx, instance_id)
+        assert row.blob_digest is not None
+        out = read(ctx.blobs.get(row.blob_digest))
+        implicit = syntax == ImplicitVRLittleEndian
+        expected = ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian
+        assert out.file_meta.TransferSyntaxUID == expected
+
+
+def burned_in_us() -> Dataset:
+    ds = dicomgen.base_dataset(dicomgen.FakeStudy(), UltrasoundImageStorage, "US",
+                               generate_uid(), 1, 1)
+    ds.Manufacturer, ds.ManufacturerModelName = "ACME", "SONO-1"
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.Rows, ds.Columns = 16, 16
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    ds.BurnedInAnnotation = "YES"
+    ds.PixelData = np.full((16, 16), 200, np.uint8).tobytes()
+    return ds
+
+
+def test_rejected_instance_and_retention_sweep(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    instance_id = receive(ctx, burned_in_us())
+    run_one(ctx)  # the job completes: a rejection is an outcome, not a failure
+    row = instance(ctx, instance_id)
+    assert row.state == InstanceState.REJECTED.value
+    assert row.reject_reason is not None and "no pixel rule matches" in row.reject_reason
+    assert "DOE" not in row.reject_reason
+    assert row.spool_name is not None and ctx.spool.exists(row.spool_name)
+    with ctx.db.session() as s:
+        events = {e.event: e for e in s.execute(select(AuditEvent)).scalars()}
+    assert events["instance-rejected"].detail["sop_key"] == row.sop_key
+
+    assert remove_rejected_spool(ctx) == 0  # within the 72 h retention
+    with ctx.db.session() as s:
+        s.execute(update(Instance).where(Instance.id == instance_id)
+                  .values(updated_at=datetime.now(UTC) - timedelta(hours=73)))
+    assert remove_rejected_spool(ctx) == 1
+    assert not ctx.spool.exists(row.spool_name)
+    assert instance(ctx, instance_id).spool_name is None
+    assert remove_rejected_spool(ctx) == 0
+
+
+def test_admitted_with_a_pixel_rule(tmp_path: Path) -> None:
+    rule = PixelRule(name="acme", manufacturer="ACME", rectangles=[(0, 0, 4, 4)])
+    ctx = make_ctx(tmp_path, pixel_rules=[rule])
+    instance_id = receive(ctx, burned_in_us())
+    run_one(ctx)
+    row = instance(ctx, instance_id)
+    assert row.state == InstanceState.DEIDENTIFIED.value and row.blob_digest
+    arr = read(ctx.blobs.get(row.blob_digest)).pixel_array
+    assert not arr[:4, :4].any() and (arr[4:, 4:] == 200).all()
+
+
+def test_residue_dead_letters_naming_the_attribute_only(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    ds = ct()
+    ds.PatientName = "ROUTINE^X"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "ROUTINE"]
+    instance_id = receive(ctx, ds)
+    job = ctx.queue.lease("test", [KIND], 60)
+    assert job is not None
+    with pytest.raises(PermanentJobError) as err:
+        deidentify_job(job, ctx)
+    assert "PatientName" in str(err.value) and "ROUTINE" not in str(err.value)
+    row = instance(ctx, instance_id)
+    assert row.state == InstanceState.FAILED.value
+    assert row.spool_name is not None and ctx.spool.exists(row.spool_name)  # nothing lost
+
+
+def test_missing_spool_item_is_permanent(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    instance_id = receive(ctx, ct())
+    name = instance(ctx, instance_id).spool_name
+    assert name is not None
+    ctx.spool.delete(name)
+    job = ctx.queue.lease("test", [KIND], 60)
+    assert job is not None
+    with pytest.raises(PermanentJobError, match="spool item"):
+        deidentify_job(job, ctx)
+
+
+_CHILD = """
+import hashlib, sys
+from node.config import DeidSection
+from node.deid.engine import Deidentifier
+from node.keys import NodeKeys
+keys = NodeKeys.from_master(bytes.fromhex(sys.argv[1]))
+data = open(sys.argv[2], "rb").read()
+result = Deidentifier(DeidSection(), keys.site).deidentify(data, sys.argv[3])
+print(hashlib.sha256(result.data).hexdigest())
+"""
+
+
+def test_same_output_in_other_processes_and_not_with_another_key(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    ds = ct()
+    instance_id = receive(ctx, ds)
+    run_one(ctx)
+    digest = instance(ctx, instance_id).blob_digest
+    raw = tmp_path / "raw.bin"
+    raw.write_bytes(encode(ds))
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+
+    def child(master: bytes) -> str:
+        proc = subprocess.run(
+            [sys.executable, "-c", _CHILD, master.hex(), str(raw), ExplicitVRLittleEndian],
+            capture_output=True, text=True, check=True, env=env, cwd=root,
+        )
+        return proc.stdout.strip()
+
+    assert child(MASTER) == digest  # another process
+    assert child(MASTER) == digest  # and again (a restart)
+    assert child(bytes(32)) != digest  # another site's key
+    assert hashlib.sha256(ctx.blobs.get(digest or "")).hexdigest() == digest
