@@ -30,11 +30,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
-from typing import Any
 
 from node.config import Settings
 from node.errors import NetworkError
 from node.logs import configure_logging
+from node.stopflag import StopFlag
 
 logger = logging.getLogger(__name__)
 
@@ -92,9 +92,8 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
     # 60 accept-loop turns.
     gc.collect()
     gc.freeze()
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop = StopFlag()
+    stop.set_on_signals()
     thread = threading.Thread(target=scp.serve, args=(listening,), name="scp-accept", daemon=True)
     thread.start()
     stop.wait()
@@ -115,21 +114,19 @@ def _worker_main(settings: Settings, index: int) -> None:
     ctx = open_context(settings)
     worker = Worker(ctx, load_handlers(), name=f"{socket.gethostname()}:w{index}:{os.getpid()}")
 
-    def _on_term(*_: Any) -> None:
-        worker.stop.set()
+    worker.stop.set_on_signals()
 
-        def _deadline() -> None:
-            time.sleep(settings.dicom.shutdown_grace_seconds)
-            if worker.current is not None:
-                logger.warning("giving job %d back: still running after the grace period",
-                               worker.current.id)
-                worker.release_current()
-            os._exit(0)
+    def _watchdog() -> None:
+        # Started before any signal can arrive (a signal handler must not start threads).
+        worker.stop.wait()
+        time.sleep(settings.dicom.shutdown_grace_seconds)
+        job = worker.current
+        if job is not None:
+            logger.warning("giving job %d back: still running after the grace period", job.id)
+            worker.release_current()
+        os._exit(0)
 
-        threading.Thread(target=_deadline, daemon=True).start()
-
-    signal.signal(signal.SIGTERM, _on_term)
-    signal.signal(signal.SIGINT, _on_term)
+    threading.Thread(target=_watchdog, name="stop-watchdog", daemon=True).start()
     worker.run()
     ctx.db.dispose()
     sys.exit(0)
@@ -178,9 +175,8 @@ def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> 
             return p
         return start
 
-    stopping = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stopping.set())
-    signal.signal(signal.SIGINT, lambda *_: stopping.set())
+    stopping = StopFlag()
+    stopping.set_on_signals()
 
     for i in range(processes):
         start = _spawn_scp(i)

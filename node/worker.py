@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 from node.config import WorkersSection
 from node.pipeline import PERIODIC, Handler, JobContext, PermanentJobError
+from node.stopflag import StopFlag
 from storage.audit import AuditKind
 from storage.errors import StorageError
 from storage.records import Job, JobState
@@ -48,7 +49,7 @@ class Worker:
         self.ctx = ctx
         self.handlers = dict(handlers)
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
-        self.stop = threading.Event()
+        self.stop = StopFlag()
         self.current: Job | None = None
         self._periodic_due: dict[str, float] = {}
         self._run_periodic = periodic

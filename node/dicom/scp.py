@@ -902,6 +902,11 @@ class StorageSCP:
         if server is None:
             return 0
         server.shutdown()
+        # A connection that has not negotiated an association yet has nothing in flight: it
+        # would otherwise hold shutdown for up to acse_timeout.
+        for assoc in list(server.active_associations):
+            if not assoc.is_established:
+                assoc.abort()
         deadline = time.monotonic() + grace
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)
