@@ -76,7 +76,9 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
     from node.dicom.scp import StorageSCP
     from node.runtime import open_context
 
-    ctx = open_context(settings)
+    # Migration was checked by the supervisor's preflight; a child (re)started while the
+    # database is down must still come up and answer 0xA700 rather than not answer at all.
+    ctx = open_context(settings, check_migrated=False)
     receiver = Receiver(
         db=ctx.db,
         queue=ctx.queue,
@@ -111,7 +113,9 @@ def _worker_main(settings: Settings, index: int) -> None:
     from node.runtime import open_context
     from node.worker import Worker
 
-    ctx = open_context(settings)
+    # Migration was checked by the supervisor's preflight; a child (re)started while the
+    # database is down must still come up and answer 0xA700 rather than not answer at all.
+    ctx = open_context(settings, check_migrated=False)
     worker = Worker(ctx, load_handlers(), name=f"{socket.gethostname()}:w{index}:{os.getpid()}")
 
     worker.stop.set_on_signals()

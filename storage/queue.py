@@ -26,7 +26,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -131,12 +131,27 @@ def _to_job(row: JobRow) -> Job:
     )
 
 
+_JOB_COLUMNS = ("kind", "state", "payload", "dedupe_key", "attempts", "max_attempts",
+                "run_after", "created_at", "updated_at")
+
+
 class SqlQueue(JobQueue):
     """The queue in the node's database (SQLite or PostgreSQL)."""
 
     def __init__(self, db: Database, *, default_max_attempts: int = 5) -> None:
         self.db = db
         self.default_max_attempts = default_max_attempts
+        # Built once with bound parameters: SQLAlchemy compiles and caches it, where building
+        # the insert per job cost more than running it (it is on the C-STORE path). A NULL
+        # dedupe key never conflicts, so one statement serves both cases.
+        table = JobRow.__table__
+        self._insert = (
+            (postgresql if db.is_postgresql else sqlite)
+            .insert(table)
+            .values({name: bindparam(name, type_=table.c[name].type) for name in _JOB_COLUMNS})
+            .on_conflict_do_nothing(index_elements=["dedupe_key"])
+            .returning(table.c.id)
+        )
 
     def enqueue(
         self,
@@ -160,15 +175,10 @@ class SqlQueue(JobQueue):
             "created_at": now,
             "updated_at": now,
         }
-        dialect = postgresql if self.db.is_postgresql else sqlite
-        stmt = dialect.insert(JobRow).values(**values)
-        if dedupe_key is not None:
-            stmt = stmt.on_conflict_do_nothing(index_elements=["dedupe_key"])
-        stmt = stmt.returning(JobRow.id)
         if session is not None:
-            return session.execute(stmt).scalar_one_or_none()
+            return session.connection().execute(self._insert, values).scalar_one_or_none()
         with self.db.session() as s:
-            return s.execute(stmt).scalar_one_or_none()
+            return s.connection().execute(self._insert, values).scalar_one_or_none()
 
     def lease(self, owner: str, kinds: Sequence[str], lease_seconds: float) -> Job | None:
         if not kinds:
