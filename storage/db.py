@@ -63,9 +63,22 @@ class Database:
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error."""
-        try:
+        with self._translated():
             with self._sessions() as session, session.begin():
                 yield session
+
+    @contextmanager
+    def transaction(self) -> Iterator[Connection]:
+        """A Core connection in one write transaction, as :meth:`session` without the ORM
+        (for the C-STORE path, where the session's own bookkeeping is measurable)."""
+        with self._translated():
+            with self.engine.begin() as conn:
+                yield conn
+
+    @contextmanager
+    def _translated(self) -> Iterator[None]:
+        try:
+            yield
         except SQLAlchemyIntegrityError:
             raise  # a constraint the caller must handle, not an outage
         except DBAPIError as exc:

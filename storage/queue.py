@@ -28,6 +28,7 @@ from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from storage.db import Database
@@ -59,11 +60,12 @@ class JobQueue(ABC):
         dedupe_key: str | None = None,
         run_after: datetime | None = None,
         max_attempts: int | None = None,
-        session: Session | None = None,
+        session: Session | Connection | None = None,
     ) -> int | None:
         """Add a job; return its id, or ``None`` if *dedupe_key* already has a job.
 
-        With *session*, the job joins that transaction (SQL queue only).
+        With *session* (an ORM session or a Core connection), the job joins that transaction
+        (SQL queue only).
         """
 
     @abstractmethod
@@ -161,7 +163,7 @@ class SqlQueue(JobQueue):
         dedupe_key: str | None = None,
         run_after: datetime | None = None,
         max_attempts: int | None = None,
-        session: Session | None = None,
+        session: Session | Connection | None = None,
     ) -> int | None:
         now = _now()
         values = {
@@ -175,6 +177,8 @@ class SqlQueue(JobQueue):
             "created_at": now,
             "updated_at": now,
         }
+        if isinstance(session, Connection):
+            return session.execute(self._insert, values).scalar_one_or_none()
         if session is not None:
             return session.connection().execute(self._insert, values).scalar_one_or_none()
         with self.db.session() as s:
@@ -322,7 +326,7 @@ class MemoryQueue(JobQueue):
         dedupe_key: str | None = None,
         run_after: datetime | None = None,
         max_attempts: int | None = None,
-        session: Session | None = None,
+        session: Session | Connection | None = None,
     ) -> int | None:
         now = _now()
         with self._lock:

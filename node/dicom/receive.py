@@ -10,7 +10,9 @@ Order (PS3.4 B.2.3: a success status means the SCP has taken responsibility for 
 
 If step 3 or 4 fails the spool file is removed and the SCP answers 0xA700: nothing is
 acknowledged that is not kept. A re-send of a known SOP Instance UID is acknowledged without a
-second row or job. Every identifier written in clear is the keyed pseudonym of a UID.
+second row or job: the insert does nothing on the existing key and the new spool file is
+removed (no lookup before the write: re-sends are rare, and a lookup per instance cost more
+than the occasional discarded spool file). Every identifier written in clear is the keyed pseudonym of a UID.
 
 Group commit (step 4): the concurrent stores of one SCP process commit together. One of them
 (the leader, see :class:`_GroupCommitter`) makes the spool folder durable: one fsync for the
@@ -37,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam
 from sqlalchemy.dialects import postgresql, sqlite
 
 from node.audit import audit
@@ -102,7 +104,6 @@ class Receiver:
             .on_conflict_do_nothing(index_elements=["sop_key"])
             .returning(table.c.id)
         )
-        self._known = select(table.c.id).where(table.c.sop_key == bindparam("sop_key"))
         self._committer = _GroupCommitter(self._write_rows, self._writer_turn)
         # SQLite: the SCP processes take turns through a lock file (see _writer_turn).
         self._turn_path = None if db.is_postgresql else data_dir / ".receive-write.lock"
@@ -157,14 +158,6 @@ class Receiver:
         sop_key = uid_pseudonym(self.site_key, header.sop_instance_uid)
         study_key = uid_pseudonym(self.site_key, header.study_instance_uid)
         series_key = uid_pseudonym(self.site_key, header.series_instance_uid)
-        try:
-            with self.db.read() as conn:
-                known = conn.execute(self._known, {"sop_key": sop_key}).scalar_one_or_none()
-        except StorageError:
-            return self._refuse(Status.OUT_OF_RESOURCES, "database unavailable", calling_ae)
-        if known is not None:
-            return Outcome(Status.SUCCESS, sop_key=sop_key, study_key=study_key, duplicate=True)
-
         spool_name = f"{sop_key[5:]}-{secrets.token_hex(4)}"
         try:
             self.spool.put(spool_name, raw, sync_dir=False)  # the committer syncs the folder
@@ -190,7 +183,7 @@ class Receiver:
         except BaseException:
             self._discard(spool_name)  # nothing half-written; the SCP answers a failure
             raise
-        if instance_id is None:  # a concurrent association stored the same instance first
+        if instance_id is None:  # a re-send: the instance is already kept and queued
             self._discard(spool_name)
             return Outcome(Status.SUCCESS, sop_key=sop_key, study_key=study_key, duplicate=True)
         return Outcome(Status.SUCCESS, sop_key=sop_key, study_key=study_key)
@@ -203,15 +196,15 @@ class Receiver:
         """
         self.spool.sync()
         ids: list[int | None] = []
-        with self.db.session() as s:
+        with self.db.transaction() as conn:
             for row in rows:
-                instance_id = s.connection().execute(self._insert_row, row).scalar_one_or_none()
+                instance_id = conn.execute(self._insert_row, row).scalar_one_or_none()
                 if instance_id is not None:
                     self.queue.enqueue(
                         DEIDENTIFY,
                         {"instance_id": instance_id},
                         dedupe_key=f"{DEIDENTIFY}:{row['sop_key']}",
-                        session=s,
+                        session=conn,
                     )
                 ids.append(instance_id)
         return ids
