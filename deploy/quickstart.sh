@@ -34,7 +34,7 @@ for _ in $(seq 1 50); do
 done
 
 echo "== sending the study with DCMTK storescu"
-/usr/bin/storescu -aet STORESCU -aec FEDNODE +sd +r 127.0.0.1 "$PORT" "$DIR/incoming/studies"
+TCP_NODELAY=1 /usr/bin/storescu -aet STORESCU -aec FEDNODE +sd +r 127.0.0.1 "$PORT" "$DIR/incoming/studies"
 sleep 3  # the workers de-identify in the background
 fednode status -c "$CONFIG"
 

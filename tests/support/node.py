@@ -19,6 +19,11 @@ DCMTK = Path("/usr/bin")
 echoscu) earlier on PATH, so tests call DCMTK by absolute path."""
 
 
+DCMTK_ENV = {**os.environ, "TCP_NODELAY": "1"}
+"""The environment for DCMTK tools: Debian's DCMTK 3.6.7 leaves Nagle's algorithm on unless
+``TCP_NODELAY=1`` is set, and then stalls on delayed ACKs (≈ 20 instances/s)."""
+
+
 def dcmtk(tool: str) -> str:
     path = DCMTK / tool
     if not path.exists():
