@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
+from typing import Any
 
 from node.config import Settings
 from node.errors import NetworkError
@@ -69,7 +70,34 @@ def preflight(settings: Settings) -> None:
     settings.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+def _fork(
+    context: Any, target: Callable[..., None], args: tuple[Any, ...], name: str
+) -> BaseProcess:
+    """Start a child with SIGTERM/SIGINT blocked: until the child has installed its own
+    handlers, a stop signal stays pending instead of running the supervisor's handler (which,
+    copied into the child, would set a flag that nothing there reads)."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    try:
+        process: BaseProcess = context.Process(target=target, args=args, name=name, daemon=False)
+        process.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    return process
+
+
+def _child_stop_flag() -> StopFlag:
+    """In a child started by :func:`_fork`: its own stop flag, then the signals unblocked."""
+    stop = StopFlag()
+    stop.set_on_signals(*_STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    return stop
+
+
 def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> None:
+    stop = _child_stop_flag()
     _die_with_parent()
     configure_logging(settings.logging.level, settings.logging.format)
     from node.dicom.receive import Receiver
@@ -94,8 +122,6 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
     # 60 accept-loop turns.
     gc.collect()
     gc.freeze()
-    stop = StopFlag()
-    stop.set_on_signals()
     thread = threading.Thread(target=scp.serve, args=(listening,), name="scp-accept", daemon=True)
     thread.start()
     stop.wait()
@@ -107,6 +133,7 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
 
 
 def _worker_main(settings: Settings, index: int) -> None:
+    stop = _child_stop_flag()
     _die_with_parent()
     configure_logging(settings.logging.level, settings.logging.format)
     from node.pipeline import load_handlers
@@ -118,7 +145,7 @@ def _worker_main(settings: Settings, index: int) -> None:
     ctx = open_context(settings, check_migrated=False)
     worker = Worker(ctx, load_handlers(), name=f"{socket.gethostname()}:w{index}:{os.getpid()}")
 
-    worker.stop.set_on_signals()
+    worker.stop = stop
 
     def _watchdog() -> None:
         # Started before any signal can arrive (a signal handler must not start threads).
@@ -165,22 +192,16 @@ def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> 
 
     def _spawn_scp(i: int) -> Callable[[], BaseProcess]:
         def start() -> BaseProcess:
-            p = context.Process(target=_scp_main, args=(settings, listening, processes),
-                                name=f"scp-{i}", daemon=False)
-            p.start()
-            return p
+            return _fork(context, _scp_main, (settings, listening, processes), f"scp-{i}")
         return start
 
     def _spawn_worker(i: int) -> Callable[[], BaseProcess]:
         def start() -> BaseProcess:
-            p = context.Process(target=_worker_main, args=(settings, i), name=f"worker-{i}",
-                                daemon=False)
-            p.start()
-            return p
+            return _fork(context, _worker_main, (settings, i), f"worker-{i}")
         return start
 
     stopping = StopFlag()
-    stopping.set_on_signals()
+    stopping.set_on_signals(*_STOP_SIGNALS)
 
     for i in range(processes):
         start = _spawn_scp(i)

@@ -12,7 +12,8 @@ If step 3 or 4 fails the spool file is removed and the SCP answers 0xA700: nothi
 acknowledged that is not kept. A re-send of a known SOP Instance UID is acknowledged without a
 second row or job: the insert does nothing on the existing key and the new spool file is
 removed (no lookup before the write: re-sends are rare, and a lookup per instance cost more
-than the occasional discarded spool file). Every identifier written in clear is the keyed pseudonym of a UID.
+than the occasional discarded spool file). Every identifier written in clear is the keyed
+pseudonym of a UID.
 
 Group commit (step 4): the concurrent stores of one SCP process commit together. One of them
 (the leader, see :class:`_GroupCommitter`) makes the spool folder durable: one fsync for the

@@ -155,6 +155,11 @@ class RunningNode:
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout)
         self._logfh.close()
+        # Every child must have obeyed the SIGTERM; the supervisor kills stragglers after the
+        # grace period and says so.
+        log = self.log.read_text()
+        if "did not stop in time" in log:
+            raise AssertionError("a child of fednode serve ignored SIGTERM:\n" + log)
         return code
 
     def kill(self) -> None:
