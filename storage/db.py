@@ -12,12 +12,13 @@ in WAL mode a deferred read transaction sees the last commit and takes no write 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import FromClause, bindparam, create_engine, event, inspect
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as SQLAlchemyIntegrityError
@@ -163,6 +164,80 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class PreparedInsert:
+    """``INSERT … ON CONFLICT DO NOTHING RETURNING id`` into *table*, compiled once for the
+    database's dialect and run on the DBAPI cursor of a transaction opened with
+    :meth:`Database.transaction` or :meth:`Database.session`.
+
+    For the C-STORE path only, where SQLAlchemy's per-execution machinery (cache lookup,
+    parameter processing, result wrapping) cost more than the insert itself. Values go
+    through each column type's own bind processor, so what is stored is exactly what an ORM
+    insert would store.
+    """
+
+    def __init__(
+        self, db: Database, table: FromClause, columns: Sequence[str], conflict: str
+    ) -> None:
+        dialect = db.engine.dialect
+        stmt = (
+            (postgresql if db.is_postgresql else sqlite)
+            .insert(table)
+            .values({name: bindparam(name) for name in columns})
+            .on_conflict_do_nothing(index_elements=[conflict])
+            .returning(table.c.id)
+        )
+        compiled = stmt.compile(dialect=dialect)
+        self.sql = compiled.string
+        self._positional = compiled.positional
+        # Every parameter the statement takes (the named columns, then defaulted ones).
+        names = compiled.positiontup if compiled.positional else None
+        self._order: tuple[str, ...] = tuple(names or compiled.params)
+        self._process = {
+            name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in self._order
+        }
+        # Columns the statement fills from their Python-side default (timestamps ...).
+        self._defaults: dict[str, Any] = {}
+        for name in self._order:
+            if name in columns:
+                continue
+            default = table.c[name].default
+            if default is None or not (default.is_scalar or default.is_callable):
+                raise ValueError(f"column {name} needs a value or a Python-side default")
+            self._defaults[name] = default
+        self._dialect = db.dialect
+        self._errors = dialect.loaded_dbapi.Error
+        self._integrity = dialect.loaded_dbapi.IntegrityError
+
+    def __call__(self, conn: Connection | Session, values: Mapping[str, Any]) -> int | None:
+        """Insert *values*; return the new id, ``None`` on a conflict."""
+        if isinstance(conn, Session):
+            conn = conn.connection()
+        params = {}
+        for name, process in self._process.items():
+            default = self._defaults.get(name)
+            if default is None:
+                value = values[name]
+            else:
+                value = default.arg(None) if default.is_callable else default.arg
+            params[name] = process(value) if process is not None else value
+        args: Any = tuple(params[n] for n in self._order) if self._positional else params
+        try:
+            cursor = conn.connection.cursor()
+            try:
+                cursor.execute(self.sql, args)
+                row = cursor.fetchone()
+            finally:
+                cursor.close()
+        except self._integrity:
+            raise
+        except self._errors as exc:
+            raise DatabaseUnavailable(
+                f"database {self._dialect} unavailable: {type(exc).__name__}"
+            ) from exc
+        return None if row is None else int(row[0])
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

@@ -26,12 +26,11 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import and_, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from storage.db import Database
+from storage.db import Database, PreparedInsert
 from storage.models import JobRow
 from storage.records import Job, JobState
 
@@ -143,17 +142,8 @@ class SqlQueue(JobQueue):
     def __init__(self, db: Database, *, default_max_attempts: int = 5) -> None:
         self.db = db
         self.default_max_attempts = default_max_attempts
-        # Built once with bound parameters: SQLAlchemy compiles and caches it, where building
-        # the insert per job cost more than running it (it is on the C-STORE path). A NULL
-        # dedupe key never conflicts, so one statement serves both cases.
-        table = JobRow.__table__
-        self._insert = (
-            (postgresql if db.is_postgresql else sqlite)
-            .insert(table)
-            .values({name: bindparam(name, type_=table.c[name].type) for name in _JOB_COLUMNS})
-            .on_conflict_do_nothing(index_elements=["dedupe_key"])
-            .returning(table.c.id)
-        )
+        # Compiled once (it is on the C-STORE path); a NULL dedupe key never conflicts.
+        self._insert = PreparedInsert(db, JobRow.__table__, _JOB_COLUMNS, "dedupe_key")
 
     def enqueue(
         self,
@@ -177,12 +167,10 @@ class SqlQueue(JobQueue):
             "created_at": now,
             "updated_at": now,
         }
-        if isinstance(session, Connection):
-            return session.execute(self._insert, values).scalar_one_or_none()
         if session is not None:
-            return session.connection().execute(self._insert, values).scalar_one_or_none()
-        with self.db.session() as s:
-            return s.connection().execute(self._insert, values).scalar_one_or_none()
+            return self._insert(session, values)
+        with self.db.transaction() as conn:
+            return self._insert(conn, values)
 
     def lease(self, owner: str, kinds: Sequence[str], lease_seconds: float) -> Job | None:
         if not kinds:

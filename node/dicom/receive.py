@@ -40,15 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import bindparam
-from sqlalchemy.dialects import postgresql, sqlite
-
 from node.audit import audit
 from node.deid.pseudonyms import uid_pseudonym
 from node.dicom.inspect import DatasetHeader, MalformedDataset, inspect_dataset
 from node.dicom.status import Status
 from storage.audit import AuditKind
-from storage.db import Database
+from storage.db import Database, PreparedInsert
 from storage.errors import StorageError
 from storage.files import free_bytes
 from storage.models import Instance
@@ -95,16 +92,7 @@ class Receiver:
         self.site_key = site_key
         self.data_dir = data_dir
         self.floor = free_space_floor_bytes
-        table = Instance.__table__
-        # Built once: a Core statement with bound parameters is compiled once and cached,
-        # where building the insert per row costs more than executing it.
-        self._insert_row = (
-            (postgresql if db.is_postgresql else sqlite)
-            .insert(table)
-            .values({name: bindparam(name) for name in _ROW_COLUMNS})
-            .on_conflict_do_nothing(index_elements=["sop_key"])
-            .returning(table.c.id)
-        )
+        self._insert_row = PreparedInsert(db, Instance.__table__, _ROW_COLUMNS, "sop_key")
         self._committer = _GroupCommitter(self._write_rows, self._writer_turn)
         # SQLite: the SCP processes take turns through a lock file (see _writer_turn).
         self._turn_path = None if db.is_postgresql else data_dir / ".receive-write.lock"
@@ -199,7 +187,7 @@ class Receiver:
         ids: list[int | None] = []
         with self.db.transaction() as conn:
             for row in rows:
-                instance_id = conn.execute(self._insert_row, row).scalar_one_or_none()
+                instance_id = self._insert_row(conn, row)
                 if instance_id is not None:
                     self.queue.enqueue(
                         DEIDENTIFY,
