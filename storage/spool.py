@@ -123,6 +123,15 @@ class Spool:
     def names(self) -> list[str]:
         return sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))
 
+    def names_older_than(self, seconds: float) -> list[str]:
+        """Items last written more than *seconds* ago."""
+        cutoff = time.time() - seconds
+        return sorted(
+            entry.name
+            for entry in os.scandir(self.root)
+            if not entry.name.startswith(".") and entry.stat().st_mtime < cutoff
+        )
+
     def stats(self) -> SpoolStats:
         count = total = 0
         oldest: float | None = None

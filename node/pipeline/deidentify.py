@@ -49,6 +49,9 @@ logger = logging.getLogger(__name__)
 
 KIND = "deidentify"
 SWEEP_SECONDS = 600.0
+# A spool item no row names is an orphan once this old (see remove_orphan_spool).
+ORPHAN_AGE_SECONDS = 3600.0
+_IN_CHUNK = 500
 """How often the workers look for rejected instances whose retention has passed."""
 
 _engines: dict[int, tuple[Settings, bytes, Deidentifier]] = {}
@@ -283,6 +286,39 @@ def _reject(ctx: JobContext, instance_id: int, sop_key: str, study_key: str, rea
 def sweep_rejected(ctx: JobContext) -> None:
     """Periodic worker sweep: :func:`remove_rejected_spool` every ``SWEEP_SECONDS``."""
     remove_rejected_spool(ctx)
+
+
+@periodic("spool-sweep-orphans", SWEEP_SECONDS)
+def sweep_orphans(ctx: JobContext) -> None:
+    """Periodic worker sweep: :func:`remove_orphan_spool` every ``SWEEP_SECONDS``."""
+    remove_orphan_spool(ctx)
+
+
+def remove_orphan_spool(ctx: JobContext, *, older_than_seconds: float = ORPHAN_AGE_SECONDS) -> int:
+    """Delete spool items that no instance row names, and temporary files a crash left
+    mid-write, once older than *older_than_seconds*; return how many.
+
+    Such items come from a kill between the spool write and the commit of its row: the store
+    was never acknowledged (the peer sends it again), so nothing refers to them. The age
+    guard keeps an item whose row is being committed right now.
+    """
+    removed = ctx.spool.remove_stale_tmp(older_than_seconds)
+    candidates = ctx.spool.names_older_than(older_than_seconds)
+    for start in range(0, len(candidates), _IN_CHUNK):
+        chunk = candidates[start : start + _IN_CHUNK]
+        with ctx.db.read() as conn:
+            known = set(
+                conn.execute(
+                    select(Instance.spool_name).where(Instance.spool_name.in_(chunk))
+                ).scalars()
+            )
+        for name in chunk:
+            if name not in known:
+                ctx.spool.delete(name)
+                removed += 1
+    if removed:
+        logger.info("removed %d orphan spool item(s) left by an interrupted store", removed)
+    return removed
 
 
 def remove_rejected_spool(ctx: JobContext) -> int:

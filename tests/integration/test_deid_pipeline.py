@@ -8,6 +8,7 @@ import os
 import secrets
 import subprocess
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,7 +29,12 @@ from node.deid import vault
 from node.deid.pseudonyms import token, uid_pseudonym
 from node.keys import NodeKeys
 from node.pipeline import PERIODIC, JobContext, PermanentJobError, load_handlers
-from node.pipeline.deidentify import KIND, deidentify_job, remove_rejected_spool
+from node.pipeline.deidentify import (
+    KIND,
+    deidentify_job,
+    remove_orphan_spool,
+    remove_rejected_spool,
+)
 from storage.db import Database
 from storage.models import AuditEvent, DeidInstance, Instance, Series, Study
 from storage.queue import SqlQueue
@@ -276,6 +282,26 @@ def test_rejected_instance_and_retention_sweep(tmp_path: Path) -> None:
     assert not ctx.spool.exists(row.spool_name)
     assert instance(ctx, instance_id).spool_name is None
     assert remove_rejected_spool(ctx) == 0
+
+
+def test_orphan_sweep_removes_only_old_unreferenced_items(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    instance_id = receive(ctx, ct())  # queued, not yet de-identified: its item must stay
+    kept = instance(ctx, instance_id).spool_name
+    assert kept is not None
+    ctx.spool.put("orphan-old", b"written, then killed before the commit")
+    ctx.spool.put("orphan-new", b"its commit may be running right now")
+    stale_tmp = ctx.spool.root / ".orphan-tmp.123.tmp"
+    stale_tmp.write_bytes(b"half a write")
+    two_hours_ago = time.time() - 7200
+    for path in (ctx.spool.path(kept), ctx.spool.path("orphan-old"), stale_tmp):
+        os.utime(path, (two_hours_ago, two_hours_ago))
+
+    assert remove_orphan_spool(ctx) == 2
+    assert ctx.spool.names() == sorted([kept, "orphan-new"])
+    assert not stale_tmp.exists()
+    run_one(ctx)  # the queued instance still de-identifies from its item
+    assert instance(ctx, instance_id).state == InstanceState.DEIDENTIFIED.value
 
 
 def test_admitted_with_a_pixel_rule(tmp_path: Path) -> None:
