@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from typing import Any
 
@@ -27,8 +28,24 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+_UID_LIKE = re.compile(r"\d+(?:\.\d+){2,}")
+
+
+class RedactLibraryIdentifiers(logging.Filter):
+    """pynetdicom quotes values it received in some messages (an invalid or non-conformant
+    SOP Instance UID, for one); those can identify a patient's study. In its records every
+    dotted-number sequence becomes ``<uid>``. fednode's own messages carry pseudonyms only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "pynetdicom" or record.name.startswith("pynetdicom."):
+            record.msg = _UID_LIKE.sub("<uid>", record.getMessage())
+            record.args = None
+        return True
+
+
 def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(RedactLibraryIdentifiers())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

@@ -140,8 +140,8 @@ def _worker_main(settings: Settings, index: int) -> None:
     from node.runtime import open_context
     from node.worker import Worker
 
-    # Migration was checked by the supervisor's preflight; a child (re)started while the
-    # database is down must still come up and answer 0xA700 rather than not answer at all.
+    # Migration was checked by the supervisor's preflight; a worker (re)started while the
+    # database is down must still come up (it retries its lease until the database is back).
     ctx = open_context(settings, check_migrated=False)
     worker = Worker(ctx, load_handlers(), name=f"{socket.gethostname()}:w{index}:{os.getpid()}")
 

@@ -15,6 +15,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,17 +129,25 @@ class Spool:
         cutoff = time.time() - seconds
         return sorted(
             entry.name
-            for entry in os.scandir(self.root)
-            if not entry.name.startswith(".") and entry.stat().st_mtime < cutoff
+            for entry, st in self._entries()
+            if not entry.name.startswith(".") and st.st_mtime < cutoff
         )
+
+    def _entries(self) -> Iterator[tuple[os.DirEntry[str], os.stat_result]]:
+        """The folder's entries with their ``stat``, skipping those removed meanwhile (the
+        SCPs rename, the workers delete, all the time)."""
+        for entry in os.scandir(self.root):
+            try:
+                yield entry, entry.stat()
+            except FileNotFoundError:
+                continue
 
     def stats(self) -> SpoolStats:
         count = total = 0
         oldest: float | None = None
-        for entry in os.scandir(self.root):
+        for entry, st in self._entries():
             if entry.name.startswith("."):
                 continue
-            st = entry.stat()
             count += 1
             total += st.st_size
             oldest = st.st_mtime if oldest is None else min(oldest, st.st_mtime)
@@ -148,9 +157,11 @@ class Spool:
         """Remove temporary files left by a crash mid-write; return how many."""
         removed = 0
         cutoff = time.time() - older_than_seconds
-        for entry in os.scandir(self.root):
-            if entry.name.startswith(".") and entry.name.endswith(".tmp"):
-                if entry.stat().st_mtime < cutoff:
+        for entry, st in self._entries():
+            if entry.name.startswith(".") and entry.name.endswith(".tmp") and st.st_mtime < cutoff:
+                try:
                     os.unlink(entry.path)
-                    removed += 1
+                except FileNotFoundError:
+                    continue  # another worker's sweep removed it first
+                removed += 1
         return removed

@@ -107,7 +107,9 @@ def _memoize_uid_conversion() -> None:
         allow_none: bool = True,
         validate: bool = True,
     ) -> Any:
-        if isinstance(value, str | bytes):
+        # Only the syntax UIDs repeat; SOP Instance UIDs would flush them from the cache (and
+        # stay in memory).
+        if isinstance(value, str | bytes) and "Instance" not in name:
             return cached(value, name, allow_empty, allow_none, validate)
         return original(value, name, allow_empty, allow_none, validate)
 
@@ -944,11 +946,22 @@ class StorageSCP:
         if server is None:
             return 0
         server.shutdown()
-        # A connection that has not negotiated an association yet has nothing in flight: it
-        # would otherwise hold shutdown for up to acse_timeout.
+        # A connection that has not sent its A-ASSOCIATE-RQ yet (Sta2) has nothing in flight
+        # but would hold shutdown for up to acse_timeout. Its socket is closed (the DUL sees
+        # the transport close, Evt17, and returns to Sta1; an A-ABORT is not valid in Sta2)
+        # and its association thread, waiting for the request, is woken as if the ACSE timer
+        # had expired, which ends it.
         for assoc in list(server.active_associations):
-            if not assoc.is_established:
-                assoc.abort()
+            if assoc.dul.state_machine.current_state != "Sta2":
+                continue
+            sock = assoc.dul.socket
+            raw = sock.socket if sock is not None else None
+            if raw is not None:
+                try:
+                    raw.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]  # "timed out"
         deadline = time.monotonic() + grace
         while server.active_associations and time.monotonic() < deadline:
             time.sleep(0.05)

@@ -49,10 +49,11 @@ logger = logging.getLogger(__name__)
 
 KIND = "deidentify"
 SWEEP_SECONDS = 600.0
+"""How often the workers look for rejected instances whose retention has passed, and for
+orphan spool items."""
 # A spool item no row names is an orphan once this old (see remove_orphan_spool).
 ORPHAN_AGE_SECONDS = 3600.0
 _IN_CHUNK = 500
-"""How often the workers look for rejected instances whose retention has passed."""
 
 _engines: dict[int, tuple[Settings, bytes, Deidentifier]] = {}
 _lock = threading.Lock()

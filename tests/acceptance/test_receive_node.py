@@ -435,6 +435,17 @@ def test_sigterm_finishes_in_flight_stores_and_exits_zero(node: NodeDir, tmp_pat
         assert s.connect_ex(("127.0.0.1", node.port)) != 0
 
 
+def test_sigterm_does_not_wait_for_a_silent_connection(node: NodeDir) -> None:
+    # A peer that connects and never sends its A-ASSOCIATE-RQ: shutdown closes it instead of
+    # waiting out the ACSE timeout (set far above the stop timeout here).
+    running = RunningNode(node, env={"FEDNODE_DICOM__ACSE_TIMEOUT": "300"})
+    with socket.create_connection(("127.0.0.1", node.port)) as silent:
+        silent.settimeout(20)
+        time.sleep(0.5)  # accepted by an SCP process
+        assert running.stop(timeout=20) == 0
+        assert silent.recv(1) == b""  # closed by the node, not by the test
+
+
 def test_operating_commands(node: NodeDir, tmp_path: Path) -> None:
     write_ct_study(tmp_path / "s", series=1, per_series=4, size=32)
     storescp_port = free_port()

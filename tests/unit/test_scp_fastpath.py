@@ -8,6 +8,7 @@ what the fast path leaves to it (C-ECHO, everything with the fast path switched 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -325,3 +326,38 @@ def test_spool_round_trips_every_size_with_or_without_o_direct(tmp_path: Path, w
         assert spool.get(f"item{size}") == data
         assert (root / f"item{size}").stat().st_size == size + 33  # magic, nonce, tag
     assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no tmp left
+
+
+def test_uid_conversion_cache_keeps_validation_and_skips_instance_uids() -> None:
+    import pynetdicom.pdu_primitives
+
+    set_uid = pynetdicom.pdu_primitives.set_uid
+    assert getattr(set_uid, "_fednode_cached", False)
+    syntax = set_uid("1.2.840.10008.1.2.1", "Transfer Syntax UID")
+    assert syntax == "1.2.840.10008.1.2.1"
+    assert set_uid("1.2.840.10008.1.2.1", "Transfer Syntax UID") is syntax  # cached
+    instance = "1.2.826.0.1.3680043.8.498.1"
+    assert set_uid(instance, "Affected SOP Instance UID") == instance
+    assert set_uid(instance, "Affected SOP Instance UID") is not set_uid(
+        instance, "Affected SOP Instance UID"
+    )  # never cached: a fresh UID object each time
+    for _ in range(2):  # an invalid UID raises every time (exceptions are not cached)
+        with pytest.raises(ValueError):
+            set_uid("1" * 70, "Transfer Syntax UID")
+
+
+def test_pynetdicom_log_records_lose_uids_and_ours_are_untouched() -> None:
+    from node.logs import RedactLibraryIdentifiers
+
+    redact = RedactLibraryIdentifiers()
+    record = logging.LogRecord(
+        "pynetdicom.utils", logging.WARNING, __file__, 1,
+        "Non-conformant '%s' value '%s'", ("Affected SOP Instance UID", "1.2.826.0.1.99.7"),
+        None,
+    )
+    assert redact.filter(record)
+    assert record.getMessage() == "Non-conformant 'Affected SOP Instance UID' value '<uid>'"
+    ours = logging.LogRecord(
+        "node.pipeline.deidentify", logging.INFO, __file__, 1, "study %s", ("2.25.1234567",), None
+    )
+    assert redact.filter(ours) and ours.getMessage() == "study 2.25.1234567"
