@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from node import __version__
+from node.cli_common import ConfigOpt, JsonOpt, console, err
 from node.config import Settings, load_settings
 from node.errors import ConfigError, ExitCode, NodeError, exit_code_for
 from storage.errors import StorageError
@@ -36,18 +36,6 @@ app.add_typer(db_app, name="db")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(config_app, name="config")
 
-console = Console()
-err = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="config file (default ./fednode.toml, then /etc/fednode/fednode.toml)",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 
 def settings_from(config: Path | None, **overrides: Any) -> Settings:

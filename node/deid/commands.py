@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from node.cli_common import console
 from node.config import load_settings
 from node.deid.engine import Deidentifier, DeidResult
 from node.errors import DeidError, ExitCode, RejectedInstance
@@ -31,7 +31,6 @@ from node.keys import load_keys
 
 logger = logging.getLogger(__name__)
 
-console = Console()
 
 
 def is_dicom(head: bytes) -> bool:

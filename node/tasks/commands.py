@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,6 +25,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from node.cli_common import ConfigOpt, JsonOpt, console, err
 from node.config import load_settings
 from node.errors import ExitCode, NodeError, PluginError
 
@@ -35,18 +35,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-console = Console()
-err = Console(stderr=True)
-
-ConfigOpt = Annotated[
-    Path | None,
-    typer.Option(
-        "--config",
-        "-c",
-        help="config file (default ./fednode.toml, then /etc/fednode/fednode.toml)",
-    ),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of a table")]
 
 labels_app = typer.Typer(
     help="Training labels: import from CSV (keyed by original Study UID or Accession Number, "

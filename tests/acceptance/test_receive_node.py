@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -119,41 +120,41 @@ def ct_uid(path: Path) -> str:
     return str(dcmread(path, stop_before_pixels=True).SOPInstanceUID)
 
 
-def test_crash_safety_sigkill_mid_stream(node: NodeDir, tmp_path: Path) -> None:
-    paths = write_ct_study(tmp_path / "many", series=3, per_series=100, size=256)
-    uid_of = {str(p): ct_uid(p) for p in paths}
-    running = RunningNode(node)
-    proc = subprocess.Popen(
-        [
-            dcmtk("storescu"),
-            "-v",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            node.ae_title,
-            "+sd",
-            "+r",
-            "127.0.0.1",
-            str(node.port),
-            str(tmp_path / "many"),
-        ],
+def storescu_stream(node: NodeDir, folder: Path) -> subprocess.Popen[str]:
+    """DCMTK storescu sending *folder*, its verbose log readable line by line."""
+    return subprocess.Popen(
+        [dcmtk("storescu"), "-v", "-aet", "STORESCU", "-aec", node.ae_title, "+sd", "+r",
+         "127.0.0.1", str(node.port), str(folder)],
         env=DCMTK_ENV,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
-    acknowledged: list[str] = []
+
+
+def acknowledged_files(proc: subprocess.Popen[str]) -> Iterator[str]:
+    """Each file storescu reports stored with status 0x0000, as soon as it reports it."""
     current: str | None = None
-    killed = False
     assert proc.stdout is not None
     for line in proc.stdout:
         if m := re.match(r"I: Sending file: (.+)$", line.strip()):
             current = m.group(1)
         elif "Received Store Response (Success)" in line and current:
-            acknowledged.append(uid_of[current])
-            if len(acknowledged) == 60 and not killed:
-                running.kill()  # SIGKILL the supervisor mid-stream; children die with it
-                killed = True
+            yield current
+
+
+def test_crash_safety_sigkill_mid_stream(node: NodeDir, tmp_path: Path) -> None:
+    paths = write_ct_study(tmp_path / "many", series=3, per_series=100, size=256)
+    uid_of = {str(p): ct_uid(p) for p in paths}
+    running = RunningNode(node)
+    proc = storescu_stream(node, tmp_path / "many")
+    acknowledged: list[str] = []
+    killed = False
+    for path in acknowledged_files(proc):
+        acknowledged.append(uid_of[path])
+        if len(acknowledged) == 60 and not killed:
+            running.kill()  # SIGKILL the supervisor mid-stream; children die with it
+            killed = True
     proc.wait(60)
     assert killed and 60 <= len(acknowledged) < len(paths)
     time.sleep(0.5)
@@ -397,34 +398,12 @@ def test_sigterm_finishes_in_flight_stores_and_exits_zero(node: NodeDir, tmp_pat
     paths = write_ct_study(tmp_path / "big", series=2, per_series=60, size=256)
     uid_of = {str(p): ct_uid(p) for p in paths}
     running = RunningNode(node)
-    proc = subprocess.Popen(
-        [
-            dcmtk("storescu"),
-            "-v",
-            "-aet",
-            "STORESCU",
-            "-aec",
-            node.ae_title,
-            "+sd",
-            "+r",
-            "127.0.0.1",
-            str(node.port),
-            str(tmp_path / "big"),
-        ],
-        env=DCMTK_ENV,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    acknowledged, current = [], None
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if m := re.match(r"I: Sending file: (.+)$", line.strip()):
-            current = m.group(1)
-        elif "Received Store Response (Success)" in line and current:
-            acknowledged.append(uid_of[current])
-            if len(acknowledged) == 10:
-                running.proc.send_signal(15)
+    proc = storescu_stream(node, tmp_path / "big")
+    acknowledged: list[str] = []
+    for path in acknowledged_files(proc):
+        acknowledged.append(uid_of[path])
+        if len(acknowledged) == 10:
+            running.proc.send_signal(15)
     proc.wait(60)
     assert running.stop() == 0
     # The association in flight was allowed to finish: every instance arrived.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from sqlalchemy import select, text, update
 
 from node.config import DeidSection, NodeSection, PixelRule, Settings, SpoolSection
 from node.deid import vault
-from node.deid.pseudonyms import token, uid_pseudonym
+from node.deid.pseudonyms import token
 from node.keys import NodeKeys
 from node.pipeline import PERIODIC, JobContext, PermanentJobError, load_handlers
 from node.pipeline.deidentify import (
@@ -40,6 +39,7 @@ from storage.models import AuditEvent, DeidInstance, Instance, Series, Study
 from storage.queue import SqlQueue
 from storage.records import InstanceState, StudyState
 from tests.support import dicomgen
+from tests.support.storage import receive_instance
 from tests.unit.deid_support import ct, encode, read
 
 MASTER = bytes(range(100, 132))
@@ -61,28 +61,7 @@ def make_ctx(root: Path, master: bytes = MASTER, **deid: object) -> JobContext:
 
 def receive(ctx: JobContext, ds: Dataset, syntax: str = ExplicitVRLittleEndian) -> int:
     """What the SCP leaves behind (issue 2's contract): spool item, instance row, job."""
-    raw = encode(ds, syntax)
-    site = ctx.keys.site
-    sop_key = uid_pseudonym(site, ds.SOPInstanceUID)
-    name = f"{sop_key[5:]}-{secrets.token_hex(4)}"
-    ctx.spool.put(name, raw)
-    with ctx.db.session() as s:
-        row = Instance(
-            sop_key=sop_key,
-            study_key=uid_pseudonym(site, ds.StudyInstanceUID),
-            series_key=uid_pseudonym(site, ds.SeriesInstanceUID),
-            sop_class_uid=ds.SOPClassUID,
-            transfer_syntax_uid=syntax,
-            calling_ae="PACS",
-            size_bytes=len(raw),
-            state=InstanceState.RECEIVED.value,
-            spool_name=name,
-        )
-        s.add(row)
-        s.flush()
-        instance_id = row.id
-        ctx.queue.enqueue(KIND, {"instance_id": instance_id}, session=s)
-    return instance_id
+    return receive_instance(ctx, ds, syntax)
 
 
 def run_one(ctx: JobContext) -> None:

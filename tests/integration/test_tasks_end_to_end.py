@@ -6,17 +6,14 @@ studies, and the chest task still selects and preprocesses the de-identified ima
 
 from __future__ import annotations
 
-import secrets
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import numpy as np
-from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian
 from sqlalchemy import select
 
 from node.deid.pseudonyms import uid_pseudonym
-from node.pipeline import JobContext, load_handlers
+from node.pipeline import load_handlers
 from node.pipeline.assemble import INFER_KIND, sweep
 from node.pipeline.deidentify import KIND as DEIDENTIFY
 from node.tasks import load_tasks
@@ -24,36 +21,11 @@ from node.tasks.dataset import StudyDataset, labelled_studies
 from node.tasks.labels import import_labels
 from node.tasks.studies import prepare_task_input
 from node.worker import Worker
-from storage.models import Instance, Study
-from storage.records import InstanceState, JobState, StudyState
-from tests.support.storage import make_context
-from tests.unit.deid_support import encode
+from storage.models import Study
+from storage.records import JobState, StudyState
+from tests.support.storage import make_context, receive_instance
 
 STUDIES = 12
-
-
-def receive(ctx: JobContext, ds: Dataset) -> None:
-    """What the SCP leaves behind: encrypted spool item, instance row, deidentify job."""
-    raw = encode(ds, ExplicitVRLittleEndian)
-    site = ctx.keys.site
-    sop_key = uid_pseudonym(site, ds.SOPInstanceUID)
-    name = f"{sop_key[5:]}-{secrets.token_hex(4)}"
-    ctx.spool.put(name, raw)
-    with ctx.db.session() as s:
-        row = Instance(
-            sop_key=sop_key,
-            study_key=uid_pseudonym(site, ds.StudyInstanceUID),
-            series_key=uid_pseudonym(site, ds.SeriesInstanceUID),
-            sop_class_uid=ds.SOPClassUID,
-            transfer_syntax_uid=ExplicitVRLittleEndian,
-            calling_ae="PACS",
-            size_bytes=len(raw),
-            state=InstanceState.RECEIVED.value,
-            spool_name=name,
-        )
-        s.add(row)
-        s.flush()
-        ctx.queue.enqueue(DEIDENTIFY, {"instance_id": row.id}, session=s)
 
 
 def test_received_synthetic_studies_become_labelled_task_inputs(tmp_path: Path) -> None:
@@ -62,7 +34,7 @@ def test_received_synthetic_studies_become_labelled_task_inputs(tmp_path: Path) 
     generated = list(plugin.synthetic_studies(STUDIES, seed=21, image_size=128))
     for study in generated:
         for ds in study.datasets:
-            receive(ctx, ds)
+            receive_instance(ctx, ds)
 
     handlers = load_handlers()
     worker = Worker(ctx, {DEIDENTIFY: handlers[DEIDENTIFY]}, name="t")

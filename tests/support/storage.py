@@ -193,3 +193,35 @@ class DeidStore:
                 )
             )
         return sop_key
+
+
+def receive_instance(
+    ctx: JobContext, ds: Dataset, syntax: str = ExplicitVRLittleEndian, calling_ae: str = "PACS"
+) -> int:
+    """Keep *ds* the way a C-STORE does, through the node's own
+    :class:`~node.dicom.receive.Receiver` (encrypted spool item, instance row, ``deidentify``
+    job); return the instance id."""
+    from node.dicom.receive import Receiver
+    from node.dicom.status import Status
+    from tests.unit.deid_support import encode
+
+    receiver = Receiver(
+        db=ctx.db,
+        queue=ctx.queue,
+        spool=ctx.spool,
+        site_key=ctx.keys.site,
+        data_dir=ctx.settings.data_dir,
+        free_space_floor_bytes=0,
+    )
+    outcome = receiver.store(
+        encode(ds, syntax),
+        transfer_syntax=syntax,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_instance_uid=str(ds.SOPInstanceUID),
+        calling_ae=calling_ae,
+    )
+    assert outcome.status is Status.SUCCESS, outcome.comment
+    with ctx.db.session() as s:
+        instance_id = s.scalar(select(Instance.id).where(Instance.sop_key == outcome.sop_key))
+    assert instance_id is not None
+    return instance_id
