@@ -37,7 +37,6 @@ app.add_typer(jobs_app, name="jobs")
 app.add_typer(config_app, name="config")
 
 
-
 def settings_from(config: Path | None, **overrides: Any) -> Settings:
     """Load the settings for a command (file → env → flags)."""
     return load_settings(config, **overrides)

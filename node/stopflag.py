@@ -42,10 +42,10 @@ class StopFlag:
         return self._set
 
     def set_on_signals(self, *signums: signal.Signals) -> None:
-        """Install handlers that set this flag on each of *signums* (main thread only)."""
+        """Install a handler that sets this flag for each of *signums* (main thread only)."""
 
         def _handler(signum: int, frame: FrameType | None) -> None:
             self._set = True
 
-        for signum in signums or (signal.SIGTERM, signal.SIGINT):
+        for signum in signums:
             signal.signal(signum, _handler)

@@ -32,7 +32,6 @@ from node.keys import load_keys
 logger = logging.getLogger(__name__)
 
 
-
 def is_dicom(head: bytes) -> bool:
     """Whether *head* (the first 132+ bytes of a file) looks like DICOM (PS3.10 7.1)."""
     if head[128:132] == b"DICM":
