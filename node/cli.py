@@ -169,8 +169,8 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
             "spool": {
                 "items": spool.count,
                 "bytes": spool.total_bytes,
-                "oldest": datetime.fromtimestamp(spool.oldest_mtime, UTC).isoformat()
-                if spool.oldest_mtime
+                "oldest": datetime.fromtimestamp(spool.oldest_written_at, UTC).isoformat()
+                if spool.oldest_written_at
                 else None,
             },
             "dead_letters": [
@@ -195,7 +195,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     console.print(jt)
     console.print(
         f"spool: {spool.count} item(s), {_size(spool.total_bytes)}, "
-        f"oldest {_age(spool.oldest_mtime)}"
+        f"oldest {_age(spool.oldest_written_at)}"
     )
     if dead:
         dt = Table(title="dead letters (newest 10)")

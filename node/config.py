@@ -120,7 +120,7 @@ class WorkersSection(_Section):
 
 class SpoolSection(_Section):
     reject_retention_hours: float = Field(
-        72.0, ge=0, description="hours a rejected instance's encrypted spool file is kept"
+        72.0, ge=0, description="hours a rejected instance's encrypted spool record is kept"
     )
 
 

@@ -62,7 +62,7 @@ backoff_max_seconds = 3600
 lease_seconds = 300
 
 [spool]
-# Hours the encrypted spool file of a rejected instance is kept (for investigation).
+# Hours the encrypted spool record of a rejected instance is kept (for investigation).
 reject_retention_hours = 72
 
 [deid]

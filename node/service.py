@@ -103,6 +103,7 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
     from node.dicom.receive import Receiver
     from node.dicom.scp import StorageSCP
     from node.runtime import open_context
+    from storage.errors import StorageError
 
     # Migration was checked by the supervisor's preflight; a child (re)started while the
     # database is down must still come up and answer 0xA700 rather than not answer at all.
@@ -132,6 +133,10 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
     aborted = scp.stop(settings.dicom.shutdown_grace_seconds)
     if aborted:
         logger.warning("aborted %d association(s) still open after the grace period", aborted)
+    try:
+        ctx.spool.close()
+    except StorageError as exc:  # every acknowledged record was synced before its answer
+        logger.warning("could not close the spool cleanly: %s", exc)
     ctx.db.dispose()
     sys.exit(0)
 

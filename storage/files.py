@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import mmap
 import os
 from pathlib import Path
@@ -10,7 +9,6 @@ from pathlib import Path
 # O_DIRECT transfers need buffer address, length and file offset aligned to the device's
 # logical block size; a page covers every common one.
 DIRECT_ALIGN = 4096
-_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
 
 
 def atomic_write(path: Path, data: bytes | bytearray | memoryview, *, mode: int = 0o600) -> None:
@@ -35,7 +33,7 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview, *, mode: int 
 
 
 class AlignedBuffer:
-    """A page-aligned, reusable write buffer for :func:`atomic_write_aligned`.
+    """A page-aligned, reusable write buffer for ``O_DIRECT`` writes.
 
     ``view(size)`` returns a writable view of *size* bytes; the buffer behind it extends at
     least to the next :data:`DIRECT_ALIGN` boundary (an anonymous ``mmap`` is page aligned).
@@ -62,67 +60,6 @@ class AlignedBuffer:
 
     def close(self) -> None:
         self._map = None
-
-
-def atomic_write_aligned(
-    path: Path, buffer: AlignedBuffer, size: int, *, mode: int = 0o600, sync_dir: bool = True
-) -> None:
-    """Write the first *size* bytes of *buffer* to *path*, bypassing the page cache, so that
-    after return (and the folder's fsync: here with *sync_dir*, else the caller's) they
-    survive a crash or power cut.
-
-    The bytes go to the device with ``O_DIRECT`` (padded to the block size, then truncated to
-    *size*). Skipping the page cache saves the copy and, above all, the page allocation:
-    writing a few hundred MB/s of new files through the cache costs more CPU than
-    everything else on the receive path. Where the file system refuses ``O_DIRECT`` (tmpfs,
-    some network and FUSE file systems) the write goes through the cache instead.
-
-    Unlike :func:`atomic_write`, the temporary file is renamed *before* its fsync: the one
-    fsync then makes the bytes and the rename durable together (a journalling file system
-    commits both in one transaction), and the folder's fsync finds little left to do. The
-    price: after a power cut *path* may exist with incomplete bytes if this call had not
-    returned. Use it only where nothing reads *path* unless the write completed (the spool:
-    an item is read only through a database row committed after the write returned).
-    """
-    folder = path.parent
-    tmp = folder / f".{path.name}.{os.getpid()}.tmp"
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    direct = bool(_O_DIRECT)
-    try:
-        fd = os.open(tmp, flags | _O_DIRECT, mode) if direct else os.open(tmp, flags, mode)
-    except OSError as exc:
-        if exc.errno != errno.EINVAL:
-            raise
-        direct = False
-        fd = os.open(tmp, flags, mode)
-    try:
-        if direct:
-            try:
-                _write_all(fd, buffer.padded(size))
-                os.ftruncate(fd, size)
-            except OSError as exc:
-                if exc.errno != errno.EINVAL:
-                    raise
-                # Accepted at open, refused at write: start again through the cache.
-                os.close(fd)
-                fd = os.open(tmp, flags, mode)
-                direct = False
-        if not direct:
-            _write_all(fd, buffer.view(size))
-        os.replace(tmp, path)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    try:
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        path.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    if sync_dir:
-        fsync_dir(folder)
 
 
 def _write_all(fd: int, view: memoryview) -> None:

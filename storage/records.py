@@ -12,9 +12,9 @@ class InstanceState(StrEnum):
     RECEIVED = "received"
     """Encrypted in the spool, waiting for de-identification."""
     DEIDENTIFIED = "deidentified"
-    """De-identified copy in the blob store; spool file deleted."""
+    """De-identified copy in the blob store; spool record deleted."""
     REJECTED = "rejected"
-    """Not admitted (reason kept); spool file removed after the retention period."""
+    """Not admitted (reason kept); spool record deleted after the retention period."""
     FAILED = "failed"
     """De-identification failed after every retry (its job is dead-lettered)."""
 

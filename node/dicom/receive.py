@@ -4,26 +4,27 @@ Order (PS3.4 B.2.3: a success status means the SCP has taken responsibility for 
 
 1. validate the encoding and the four UIDs (failure statuses 0xC000 family, 0xA900);
 2. check the data volume's free-space floor (0xA700 below it);
-3. encrypt the received bytes into the spool (AES-GCM, tmp + fsync + rename);
-4. in one database transaction insert the instance row and its ``deidentify`` job;
+3. encrypt the received bytes into the spool (AES-GCM, a record appended to this process's
+   spool segment, see :mod:`storage.spool`);
+4. make the record durable and, in one database transaction, insert the instance row and its
+   ``deidentify`` job;
 5. only then answer 0x0000.
 
-If step 3 or 4 fails the spool file is removed and the SCP answers 0xA700: nothing is
+If step 3 or 4 fails the record is deleted and the SCP answers 0xA700: nothing is
 acknowledged that is not kept. A re-send of a known SOP Instance UID is acknowledged without a
-second row or job: the insert does nothing on the existing key and the new spool file is
-removed (no lookup before the write: re-sends are rare, and a lookup per instance cost more
-than the occasional discarded spool file). Every identifier written in clear is the keyed
-pseudonym of a UID.
+second row or job: the insert does nothing on the existing key and the new record is deleted
+(no lookup before the write: re-sends are rare, and a lookup per instance cost more than the
+occasional discarded record). Every identifier written in clear is the keyed pseudonym of a
+UID.
 
 Group commit (step 4): the concurrent stores of one SCP process commit together. One of them
-(the leader, see :class:`_GroupCommitter`) makes the spool folder durable: one fsync for the
-names of all files written for the batch (step 3 fsyncs each file's bytes; the renames become
-durable here, still before any row refers to them). It then writes every waiting row in one
-transaction (each instance's row and job together in it); each store answers only after the
-transaction holding its row has committed. A commit costs an fsync of the WAL and, on
-SQLite, a turn of the single write lock that all processes queue for; under concurrent
-associations one commit covers several instances, a lone association commits its own. If a
-batch fails for any reason other than the database or spool being unavailable, its
+(the leader, see :class:`_GroupCommitter`) syncs the spool: one ``fdatasync`` makes every
+record written for the batch durable, before any row refers to them. It then writes every
+waiting row in one transaction (each instance's row and job together in it); each store
+answers only after the transaction holding its row has committed. A commit costs an fsync of
+the WAL and, on SQLite, a turn of the single write lock that all processes queue for; under
+concurrent associations one commit covers several instances, a lone association commits its
+own. If a batch fails for any reason other than the database or spool being unavailable, its
 instances are retried one transaction each, so one bad row cannot fail its neighbours.
 """
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import secrets
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -147,11 +147,9 @@ class Receiver:
         sop_key = uid_pseudonym(self.site_key, header.sop_instance_uid)
         study_key = uid_pseudonym(self.site_key, header.study_instance_uid)
         series_key = uid_pseudonym(self.site_key, header.series_instance_uid)
-        spool_name = f"{sop_key[5:]}-{secrets.token_hex(4)}"
         try:
-            self.spool.put(spool_name, raw, sync_dir=False)  # the committer syncs the folder
-        except StorageError:
-            self._discard(spool_name)
+            spool_name = self.spool.put(raw)  # durable once the committer has synced
+        except StorageError:  # put leaves no record behind
             return self._refuse(Status.OUT_OF_RESOURCES, "spool write failed", calling_ae)
         row = {
             "sop_key": sop_key,
@@ -178,7 +176,7 @@ class Receiver:
         return Outcome(Status.SUCCESS, sop_key=sop_key, study_key=study_key)
 
     def _write_rows(self, rows: list[dict[str, Any]]) -> list[int | None]:
-        """Make the rows' spool files durable by name, then insert *rows* and a
+        """Make the rows' spool records durable, then insert *rows* and a
         ``deidentify`` job for each new one, in one transaction.
 
         Returns each row's instance id, ``None`` where the SOP Instance was already known.

@@ -296,29 +296,36 @@ def sweep_orphans(ctx: JobContext) -> None:
 
 
 def remove_orphan_spool(ctx: JobContext, *, older_than_seconds: float = ORPHAN_AGE_SECONDS) -> int:
-    """Delete spool items that no instance row names, and temporary files a crash left
-    mid-write, once older than *older_than_seconds*; return how many.
+    """Delete spool items that no instance still needs, once older than *older_than_seconds*,
+    then the segments left empty; return how many items.
 
-    Such items come from a kill between the spool write and the commit of its row: the store
-    was never acknowledged (the peer sends it again), so nothing refers to them. The age
-    guard keeps an item whose row is being committed right now.
+    Orphans come from a kill between the spool write and the commit of its row (the store
+    was never acknowledged, the peer sends it again), and from a deletion after
+    de-identification that a crash undid (deletions are not synced). The age guard keeps an
+    item whose row is being committed right now.
     """
-    removed = ctx.spool.remove_stale_tmp(older_than_seconds)
+    removed = 0
     candidates = ctx.spool.names_older_than(older_than_seconds)
     for start in range(0, len(candidates), _IN_CHUNK):
         chunk = candidates[start : start + _IN_CHUNK]
         with ctx.db.read() as conn:
-            known = set(
+            needed = set(
                 conn.execute(
-                    select(Instance.spool_name).where(Instance.spool_name.in_(chunk))
+                    select(Instance.spool_name).where(
+                        Instance.spool_name.in_(chunk),
+                        Instance.state != InstanceState.DEIDENTIFIED.value,
+                    )
                 ).scalars()
             )
         for name in chunk:
-            if name not in known:
+            if name not in needed:
                 ctx.spool.delete(name)
                 removed += 1
     if removed:
-        logger.info("removed %d orphan spool item(s) left by an interrupted store", removed)
+        logger.info("removed %d orphan spool item(s)", removed)
+    segments = ctx.spool.remove_empty_segments(older_than_seconds)
+    if segments:
+        logger.info("removed %d empty spool segment(s)", segments)
     return removed
 
 

@@ -102,10 +102,11 @@ def test_storescu_study_is_kept_encrypted_and_queued(node: NodeDir, tmp_path: Pa
     assert len({r.series_key for r in rows}) == 3 and len({r.study_key for r in rows}) == 1
     assert sorted(j.payload["instance_id"] for j in jobs) == sorted(r.id for r in rows)
     spool = Spool(node.settings().spool_dir, keys.spool)
+    assert sorted(r.spool_name for r in rows) == spool.names()
+    on_disk = b"".join(p.read_bytes() for p in node.settings().spool_dir.iterdir())
+    assert b"DOE^JANE" not in on_disk and study.patient.patient_id.encode() not in on_disk
     for row in rows:
         assert row.spool_name is not None
-        blob = (node.settings().spool_dir / row.spool_name).read_bytes()
-        assert b"DOE^JANE" not in blob and study.patient.patient_id.encode() not in blob
         assert b"DOE^JANE" in spool.get(row.spool_name)  # the node itself can read it back
     # Nothing identifying reached the log.
     assert (
@@ -366,7 +367,7 @@ def test_database_down_refuses_with_a700_then_recovers(tmp_path: Path, pg_url: s
             proxy.cut()
             down = storescu(node, tmp_path / "a")
             assert "Refused: OutOfResources" in down.stderr and "Success" not in down.stderr
-            assert list(node.settings().spool_dir.iterdir()) == []
+            assert Spool(node.settings().spool_dir, node.keys().spool).names() == []
             proxy.restore()
             up = storescu(node, tmp_path / "b")
             assert up.stderr.count("Received Store Response (Success)") == 2, up.stderr

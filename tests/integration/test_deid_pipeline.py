@@ -23,6 +23,7 @@ from pydicom.uid import (
 )
 from sqlalchemy import select, text, update
 
+import storage.spool as spool_module
 from node.config import DeidSection, NodeSection, PixelRule, Settings, SpoolSection
 from node.deid import vault
 from node.deid.pseudonyms import token
@@ -158,15 +159,24 @@ def test_vault_is_encrypted_and_bound_to_its_key(tmp_path: Path) -> None:
         vault.load_study(ctx.db, other, row.study_key)
 
 
-def test_rerun_is_idempotent_and_removes_a_left_over_spool_item(tmp_path: Path) -> None:
+def test_rerun_is_idempotent_and_removes_a_left_over_spool_item(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ctx = make_ctx(tmp_path)
     instance_id = receive(ctx, ct())
     job = ctx.queue.lease("test", [KIND], 60)
     assert job is not None
-    deidentify_job(job, ctx)
+
+    def crash(locator: str) -> None:
+        raise KeyboardInterrupt("killed after the commit, before the spool item was deleted")
+
+    with monkeypatch.context() as m:
+        m.setattr(ctx.spool, "delete", crash)
+        with pytest.raises(KeyboardInterrupt):
+            deidentify_job(job, ctx)
     row = instance(ctx, instance_id)
-    assert row.spool_name is not None
-    ctx.spool.put(row.spool_name, b"left behind by a crash after the commit")
+    assert row.state == InstanceState.DEIDENTIFIED.value
+    assert row.spool_name is not None and ctx.spool.exists(row.spool_name)
     deidentify_job(job, ctx)  # the same job again
     assert not ctx.spool.exists(row.spool_name)
     again = instance(ctx, instance_id)
@@ -263,24 +273,32 @@ def test_rejected_instance_and_retention_sweep(tmp_path: Path) -> None:
     assert remove_rejected_spool(ctx) == 0
 
 
-def test_orphan_sweep_removes_only_old_unreferenced_items(tmp_path: Path) -> None:
+def test_orphan_sweep_removes_only_old_unneeded_items(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     ctx = make_ctx(tmp_path)
-    instance_id = receive(ctx, ct())  # queued, not yet de-identified: its item must stay
-    kept = instance(ctx, instance_id).spool_name
-    assert kept is not None
-    ctx.spool.put("orphan-old", b"written, then killed before the commit")
-    ctx.spool.put("orphan-new", b"its commit may be running right now")
-    stale_tmp = ctx.spool.root / ".orphan-tmp.123.tmp"
-    stale_tmp.write_bytes(b"half a write")
     two_hours_ago = time.time() - 7200
-    for path in (ctx.spool.path(kept), ctx.spool.path("orphan-old"), stale_tmp):
-        os.utime(path, (two_hours_ago, two_hours_ago))
+    with monkeypatch.context() as m:
+        m.setattr(spool_module.time, "time", lambda: two_hours_ago)
+        queued = receive(ctx, ct())  # not yet de-identified: its item must stay
+        done = receive(ctx, ct())  # de-identified; a crash undid the deletion of its item
+        orphan_old = ctx.spool.put(b"written, then killed before the commit")
+    orphan_new = ctx.spool.put(b"its commit may be running right now")
+    ctx.spool.close()
+    kept, undone = instance(ctx, queued).spool_name, instance(ctx, done).spool_name
+    assert kept is not None and undone is not None
+    with ctx.db.session() as s:
+        s.execute(
+            update(Instance)
+            .where(Instance.id == done)
+            .values(state=InstanceState.DEIDENTIFIED.value)
+        )
 
     assert remove_orphan_spool(ctx) == 2
-    assert ctx.spool.names() == sorted([kept, "orphan-new"])
-    assert not stale_tmp.exists()
-    run_one(ctx)  # the queued instance still de-identifies from its item
-    assert instance(ctx, instance_id).state == InstanceState.DEIDENTIFIED.value
+    assert ctx.spool.names() == sorted([kept, orphan_new])
+    assert not ctx.spool.exists(orphan_old) and not ctx.spool.exists(undone)
+    run_one(ctx)  # the queued instance (the first job) still de-identifies from its item
+    assert instance(ctx, queued).state == InstanceState.DEIDENTIFIED.value
 
 
 def test_admitted_with_a_pixel_rule(tmp_path: Path) -> None:

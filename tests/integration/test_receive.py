@@ -88,7 +88,7 @@ def test_store_keeps_encrypted_bytes_row_and_job(db: Database, tmp_path: Path, c
     assert row.state == "received" and row.size_bytes == len(raw)
     assert job.kind == "deidentify" and job.payload == {"instance_id": row.id}
     assert row.spool_name is not None
-    on_disk = (tmp_path / "spool" / row.spool_name).read_bytes()
+    on_disk = b"".join(p.read_bytes() for p in (tmp_path / "spool").iterdir())
     assert b"DOE^JANE" not in on_disk and ct.SOPInstanceUID.encode() not in on_disk
     assert rx.spool.get(row.spool_name) == raw
     # No original identifier in any column.

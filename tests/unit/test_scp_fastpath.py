@@ -1,4 +1,4 @@
-"""The SCP's fast C-STORE path and the receive path's group commit and O_DIRECT spool.
+"""The SCP's fast C-STORE path and the receive path's group commit.
 
 The fast path (node.dicom.scp._StoreDUL) answers C-STOREs without pynetdicom's DIMSE layer,
 so these tests hold it to pynetdicom: the same response bytes, the same statuses through a
@@ -306,26 +306,6 @@ def test_group_commit_isolates_a_failing_row_and_fails_all_when_db_is_down() -> 
     assert outcome == {n: (ValueError if n == 3 else n) for n in range(8)}
     with pytest.raises(DatabaseUnavailable):
         committer.write({"n": 99})
-
-
-# -- the spool's O_DIRECT writes ------------------------------------------------------------------
-@pytest.mark.parametrize("where", ["tmp", "shm"])
-def test_spool_round_trips_every_size_with_or_without_o_direct(tmp_path: Path, where: str) -> None:
-    if where == "shm":
-        if not Path("/dev/shm").is_dir():
-            pytest.skip("no tmpfs at /dev/shm")
-        import tempfile
-
-        root = Path(tempfile.mkdtemp(dir="/dev/shm")) / "spool"  # tmpfs: no O_DIRECT
-    else:
-        root = tmp_path / "spool"
-    spool = Spool(root, KEYS.spool)
-    for size in (0, 1, 4079, 4080, 4096, 70_000, 3 << 20):
-        data = os.urandom(size)
-        spool.put(f"item{size}", memoryview(bytearray(data)))
-        assert spool.get(f"item{size}") == data
-        assert (root / f"item{size}").stat().st_size == size + 33  # magic, nonce, tag
-    assert not [p for p in root.iterdir() if p.name.startswith(".")]  # no tmp left
 
 
 def test_uid_conversion_cache_keeps_validation_and_skips_instance_uids() -> None:
