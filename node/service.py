@@ -117,6 +117,7 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
         free_space_floor_bytes=settings.dicom.free_space_floor_mb * 1024 * 1024,
     )
     scp = StorageSCP(settings, receiver, processes=processes)
+    ctx.db.warm_up()
     # Everything built so far (modules, contexts, engine) lives as long as the process: move it
     # out of the collector's reach. A full collection otherwise walks ~10^5 objects (≈ 50 ms
     # with the GIL held, stalling every association), and pynetdicom's server forces one every

@@ -22,7 +22,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.exc import IntegrityError as SQLAlchemyIntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 from storage.errors import DatabaseUnavailable, NotMigrated
 
@@ -113,6 +113,16 @@ class Database:
             raise DatabaseUnavailable(
                 f"cannot reach the {self.dialect} database: {type(exc).__name__}"
             ) from exc
+
+    def warm_up(self) -> None:
+        """Do now what the first transaction would otherwise pay for while a peer waits: the
+        ORM's mapper configuration and a pooled connection. A database that is down is not an
+        error here (the callers answer for it when they need it)."""
+        configure_mappers()
+        try:
+            self.check_reachable()
+        except DatabaseUnavailable as exc:
+            logger.warning("%s", exc)
 
     def current_revision(self) -> str | None:
         """The Alembic revision the database is at (``None`` when unmigrated)."""

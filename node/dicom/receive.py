@@ -204,6 +204,9 @@ class Receiver:
         process can starve another; blocked on the flock, the next process's leader wakes
         as soon as the lock is released (and its batch has grown meanwhile). Other writers
         (workers, the CLI) still meet SQLite's busy timeout as before."""
+        # The records written so far become durable before queueing for the lock, not while
+        # holding it (the sync in _write_rows then covers only rows that arrived meanwhile).
+        self.spool.sync()
         if self._turn_path is None:
             yield
             return
