@@ -10,6 +10,7 @@ Instance, Study Instance and Series Instance UIDs of the top level.
 
 from __future__ import annotations
 
+import functools
 import struct
 import zlib
 from dataclasses import dataclass
@@ -56,9 +57,9 @@ def inspect_dataset(
     MalformedDataset
         If the bytes are not a well-formed dataset in that transfer syntax.
     """
-    ts = UID(transfer_syntax)
+    explicit, little, deflated = _encoding(transfer_syntax)
     data = raw
-    if ts == DeflatedExplicitVRLittleEndian:
+    if deflated:
         try:
             inflater = zlib.decompressobj(-zlib.MAX_WBITS)
             data = inflater.decompress(raw) + inflater.flush()
@@ -66,7 +67,7 @@ def inspect_dataset(
             raise MalformedDataset("the deflated dataset cannot be inflated") from exc
     if not data:
         raise MalformedDataset("the dataset is empty")
-    walker = _Walker(memoryview(data), not ts.is_implicit_VR, ts.is_little_endian)
+    walker = _Walker(memoryview(data), explicit, little)
     found: dict[int, str] = {}
     pos, stop = walker.elements(0, len(data), 0, found)
     if stop is not None or pos != len(data):
@@ -77,6 +78,14 @@ def inspect_dataset(
     if missing:
         return None, missing
     return DatasetHeader(found[SOP_CLASS], found[SOP_INSTANCE], found[STUDY], found[SERIES]), []
+
+
+@functools.lru_cache(maxsize=64)
+def _encoding(transfer_syntax: str) -> tuple[bool, bool, bool]:
+    """(explicit VR, little endian, deflated) of a transfer syntax, once per syntax (pydicom
+    validates a UID each time one is made)."""
+    ts = UID(transfer_syntax)
+    return not ts.is_implicit_VR, ts.is_little_endian, ts == DeflatedExplicitVRLittleEndian
 
 
 class _Walker:
