@@ -1,10 +1,11 @@
 """The encrypted spool: raw received bytes, AES-256-GCM, until de-identification.
 
-Items are appended as records to *segment* files, one open segment per writing process, and
-named by a locator ``<segment>@<offset>+<length>``. A record is a header (magic, ciphertext
-length, time written, nonce), the ciphertext with its tag, and zeros up to the next 4 KiB
-boundary. The header and the record's place (segment and offset) are the associated data, so
-a record copied elsewhere or a header altered fails authentication instead of decrypting.
+Items are appended as records to *segment* files, one open segment per concurrent writer of
+a process (a *lane*), and named by a locator ``<segment>@<offset>+<length>``. A record is a
+header (magic, ciphertext length, time written, nonce), the ciphertext with its tag, and
+zeros up to the next 4 KiB boundary. The header and the record's place (segment and offset)
+are the associated data, so a record copied elsewhere or a header altered fails
+authentication instead of decrypting.
 
 Why segments rather than a file per item: at the receive rate, creating, renaming and
 fsyncing one file per instance cost more CPU than everything else the node does with it
@@ -62,6 +63,8 @@ _LOCATOR = re.compile(r"^(seg-[0-9A-Za-z-]+)@(\d+)\+(\d+)$")
 # Scratch buffers above this size are not kept for the next item.
 _KEEP_SCRATCH = 64 << 20
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+# Segments one process appends to at once, at most (see Spool._writable).
+_MAX_LANES = 8
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 
@@ -82,7 +85,7 @@ class _Record:
 
 @dataclass(eq=False)
 class _Segment:
-    """A segment this process appends to (under :attr:`Spool._lock`, except the writes)."""
+    """A segment this process appends to (its fields under :attr:`Spool._lock`)."""
 
     name: str
     fd: int
@@ -215,13 +218,29 @@ class Spool:
         return scratch
 
     def _writable(self, extent: int) -> _Segment:
-        """The segment the next record of *extent* bytes goes to (called under the lock)."""
-        current = self._segments[-1] if self._segments else None
-        if current is not None and not current.retired:
-            full = current.end > 0 and current.end + extent > self._rotate_bytes
-            if not full and time.monotonic() - current.opened < self._rotate_seconds:
-                return current
-            current.retired = True
+        """The segment the next record of *extent* bytes goes to (called under the lock).
+
+        Each concurrent writer gets a segment of its own (a *lane*), up to ``_MAX_LANES``:
+        ext4 serializes direct writes that extend a file, so two writers appending to one
+        file wait for each other. A lane is retired once too old or too full for the record.
+        """
+        now = time.monotonic()
+        least_busy: _Segment | None = None
+        lanes = 0
+        for segment in self._segments:
+            if segment.retired:
+                continue
+            full = segment.end > 0 and segment.end + extent > self._rotate_bytes
+            if full or now - segment.opened >= self._rotate_seconds:
+                segment.retired = True
+                continue
+            if not segment.writers:
+                return segment
+            lanes += 1
+            if least_busy is None or segment.writers < least_busy.writers:
+                least_busy = segment
+        if least_busy is not None and lanes >= _MAX_LANES:
+            return least_busy
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
         name = f"{SEGMENT_PREFIX}{stamp}-{os.getpid()}-{secrets.token_hex(4)}"
         path = self.root / name

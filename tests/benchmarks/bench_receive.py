@@ -350,11 +350,18 @@ def measure_once(peer: Peer, folder: Path, count: int, assocs: int, work: Path,
 
 
 # -- report ---------------------------------------------------------------------------------
+def _paired(r: Result, ref: Result) -> float:
+    """The median of the per-round rate ratios: the rounds ran back to back, so a slow spell
+    of a shared machine hits both peers of a round alike (the ratio of the medians can
+    pair a fast spell of one with a slow spell of the other)."""
+    return statistics.median(b / a for a, b in zip(r.seconds, ref.seconds, strict=True))
+
+
 def table(results: list[Result], peers: list[Peer]) -> str:
     others = [p for p in peers if not p.key.startswith("fednode")]
     w = max(26, *(len(p.label) for p in peers))
     head = f"{'corpus':<6} {'assoc':>5}  {'peer':<{w}} {'inst/s':>8} {'MB/s':>8}"
-    head += "".join(f"  {'vs ' + p.key:>14}" for p in others)
+    head += "".join(f"  {'vs ' + p.key:>14} {'paired':>7}" for p in others)
     lines = [head, "-" * len(head)]
     by = {(r.peer, r.corpus, r.assocs): r for r in results}
     keys = sorted({(r.corpus, r.assocs) for r in results},
@@ -368,7 +375,8 @@ def table(results: list[Result], peers: list[Peer]) -> str:
             if p.key.startswith("fednode"):
                 for o in others:
                     ref = by.get((o.key, corpus, assocs))
-                    line += f"  {r.rate / ref.rate:>13.2f}x" if ref else f"  {'':>14}"
+                    line += (f"  {r.rate / ref.rate:>13.2f}x {_paired(r, ref):>6.2f}x" if ref
+                             else f"  {'':>14} {'':>7}")
             lines.append(line)
         lines.append("")
     return "\n".join(lines)
@@ -446,7 +454,8 @@ def main() -> int:
     print()
     print(f"fednode receive benchmark: loopback, DCMTK storescu senders, {os.cpu_count()} CPUs, "
           f"median of {args.repeat}; fednode = durable path (spool fsync + SQLite commit), "
-          f"workers=0 unless stated; {time.monotonic() - t0:.0f} s")
+          f"workers=0 unless stated; 'paired' = median of the per-round ratios; "
+          f"{time.monotonic() - t0:.0f} s")
     if extra_env:
         print(f"fednode settings: {extra_env}")
     for name, (_, count, nbytes) in corpora.items():
