@@ -17,6 +17,10 @@ class DatabaseUnavailable(StorageError):
     """The database cannot be reached or refused the operation."""
 
 
+class CommitOutcomeUnknown(DatabaseUnavailable):
+    """The database failed while committing: the transaction may or may not have landed."""
+
+
 class NotMigrated(StorageError):
     """The database schema is not at the current revision; run `fednode db upgrade`."""
 

@@ -11,11 +11,14 @@ Order (PS3.4 B.2.3: a success status means the SCP has taken responsibility for 
 5. only then answer 0x0000.
 
 If step 3 or 4 fails the record is deleted and the SCP answers 0xA700: nothing is
-acknowledged that is not kept. A re-send of a known SOP Instance UID is acknowledged without a
-second row or job: the insert does nothing on the existing key and the new record is deleted
-(no lookup before the write: re-sends are rare, and a lookup per instance cost more than the
-occasional discarded record). Every identifier written in clear is the keyed pseudonym of a
-UID.
+acknowledged that is not kept. Only when the database fails during the commit itself is the
+record left in place: the row may have landed, and the peer's re-send will be acknowledged as
+its duplicate (the orphan sweep deletes the record later if no row names it).
+
+A re-send of a known SOP Instance UID is acknowledged without a second row or job: the
+insert does nothing on the existing key and the new record is deleted (no lookup before the
+write: re-sends are rare, and a lookup per instance cost more than the occasional discarded
+record). Every identifier written in clear is the keyed pseudonym of a UID.
 
 Group commit (step 4): the concurrent stores of one SCP process commit together. One of them
 (the leader, see :class:`_GroupCommitter`) syncs the spool: one ``fdatasync`` makes every
@@ -46,7 +49,7 @@ from node.dicom.inspect import DatasetHeader, MalformedDataset, inspect_dataset
 from node.dicom.status import Status
 from storage.audit import AuditKind
 from storage.db import Database, PreparedInsert
-from storage.errors import StorageError
+from storage.errors import CommitOutcomeUnknown, DatabaseUnavailable, StorageError
 from storage.files import free_bytes
 from storage.models import Instance
 from storage.queue import JobQueue
@@ -164,6 +167,11 @@ class Receiver:
         }
         try:
             instance_id = self._committer.write(row)
+        except CommitOutcomeUnknown:
+            # The row may have landed: its record stays (were it deleted, the peer's re-send
+            # would be acknowledged as a duplicate of a row without bytes). The orphan sweep
+            # deletes it later if no row names it.
+            return self._refuse(Status.OUT_OF_RESOURCES, "database unavailable", calling_ae)
         except StorageError:
             self._discard(spool_name)
             return self._refuse(Status.OUT_OF_RESOURCES, "database unavailable", calling_ae)
@@ -183,17 +191,24 @@ class Receiver:
         """
         self.spool.sync()
         ids: list[int | None] = []
-        with self.db.transaction() as conn:
-            for row in rows:
-                instance_id = self._insert_row(conn, row)
-                if instance_id is not None:
-                    self.queue.enqueue(
-                        DEIDENTIFY,
-                        {"instance_id": instance_id},
-                        dedupe_key=f"{DEIDENTIFY}:{row['sop_key']}",
-                        session=conn,
-                    )
-                ids.append(instance_id)
+        committing = False
+        try:
+            with self.db.transaction() as conn:
+                for row in rows:
+                    instance_id = self._insert_row(conn, row)
+                    if instance_id is not None:
+                        self.queue.enqueue(
+                            DEIDENTIFY,
+                            {"instance_id": instance_id},
+                            dedupe_key=f"{DEIDENTIFY}:{row['sop_key']}",
+                            session=conn,
+                        )
+                    ids.append(instance_id)
+                committing = True  # leaving the block commits
+        except DatabaseUnavailable as exc:
+            if committing:
+                raise CommitOutcomeUnknown(str(exc)) from exc
+            raise
         return ids
 
     @contextmanager

@@ -147,3 +147,30 @@ def test_database_down_refuses_and_leaves_nothing(tmp_path: Path, ct: Dataset) -
     record = json.loads(lines[-1])
     assert record["event"] == "store-failed" and record["detail"]["status"] == "0xA700"
     assert "DOE" not in lines[-1]
+
+
+def test_commit_with_unknown_outcome_keeps_the_record_for_the_resend(
+    db: Database, tmp_path: Path, ct: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection fails while committing, after the commit landed (PostgreSQL losing the
+    connection during COMMIT): the store is refused, but its record must stay, because the
+    peer's re-send is acknowledged as a duplicate of the row that names it."""
+    rx = make_receiver(db, tmp_path)
+    dialect = type(db.engine.dialect)
+    real_commit = dialect.do_commit
+
+    def commit_then_fail(self: object, dbapi_connection: object) -> None:
+        real_commit(self, dbapi_connection)  # type: ignore[arg-type]
+        raise db.engine.dialect.loaded_dbapi.OperationalError("connection lost during COMMIT")
+
+    with monkeypatch.context() as m:
+        m.setattr(dialect, "do_commit", commit_then_fail)
+        assert store(rx, ct) is Status.OUT_OF_RESOURCES
+    assert counts(db) == (1, 1)  # it landed after all
+    assert store(rx, ct) is Status.SUCCESS  # the re-send: a duplicate of that row
+    assert counts(db) == (1, 1)
+    with db.session() as s:
+        row = s.execute(select(Instance)).scalar_one()
+    assert row.spool_name is not None and rx.spool.get(row.spool_name) == encode(ct)
+    assert rx.spool.names() == [row.spool_name]  # the re-send's own record was discarded
+
