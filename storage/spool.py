@@ -121,7 +121,7 @@ class Spool:
         self._rotate_bytes = rotate_bytes
         self._lock = threading.Lock()  # the segment list and each segment's counters
         self._sync_lock = threading.Lock()  # one sync at a time (it closes retired segments)
-        self._segments: list[_Segment] = []  # open for writing; the last one is current
+        self._segments: list[_Segment] = []  # open: the lanes, and retired ones not yet closed
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
         _OPEN.add(self)
 
