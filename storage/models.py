@@ -204,3 +204,17 @@ class Result(Base):
     model_id: Mapped[str | None] = mapped_column(String(64))
     superseded: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class NodeMeta(Base):
+    """Small facts about the node itself (for example the master secret's key check value).
+
+    Never PHI and never a key: a key check value is an HMAC of a fixed label under a derived
+    key, from which the key cannot be recovered.
+    """
+
+    __tablename__ = "node_meta"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
