@@ -193,7 +193,7 @@ def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> 
     """Run the node until SIGTERM/SIGINT; return the exit code."""
     preflight(settings)
     cfg = settings.dicom
-    from node.dicom.scp import listen_socket
+    from node.dicom.sockets import listen_socket
 
     try:
         listening = listen_socket(cfg.host, cfg.port)
