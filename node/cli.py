@@ -6,6 +6,7 @@ Exit codes are :class:`node.errors.ExitCode`: 0 ok, 1 failure, 2 usage, 3 config
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -205,12 +206,38 @@ def _already_initialised(config_path: Path) -> None:
     )
 
 
+def _serve_overrides(
+    settings: Settings, port: int | None, processes: int | None, workers: int | None
+) -> Settings:
+    """Apply ``serve``'s flags, each validated as the file's value would be (all problems
+    named at once)."""
+    problems: list[str] = []
+    try:
+        settings = apply_overrides(
+            settings,
+            {"dicom.port": port, "dicom.processes": processes},
+            {"dicom.port": "--port", "dicom.processes": "--processes"},
+        )
+    except ConfigError as exc:
+        problems.append(str(exc).removeprefix("invalid option "))
+    if workers is not None:
+        try:
+            lanes = settings.workers.with_count(workers).model_dump()
+            checked = validated_section("workers", lanes, {"lanes": "--workers"})
+            settings = settings.model_copy(update={"workers": checked})
+        except ConfigError as exc:
+            problems.append(str(exc).removeprefix("invalid option ").split("; expected")[0])
+    if problems:
+        raise ConfigError("invalid option " + "; ".join(problems))
+    return settings
+
+
 @app.command()
 def serve(
     config: ConfigOpt = None,
     port: Annotated[int | None, typer.Option(help="override dicom.port (1-65535)")] = None,
     workers: Annotated[
-        int | None, typer.Option(help="override workers.count (0 = no workers)")
+        int | None, typer.Option(help="worker processes in every lane (0 = no workers)")
     ] = None,
     processes: Annotated[
         int | None, typer.Option(help="override dicom.processes (0 = one per CPU core)")
@@ -222,11 +249,7 @@ def serve(
     from node.logs import configure_logging
     from node.service import serve as run
 
-    settings = apply_overrides(
-        settings_from(config),
-        {"dicom.port": port, "dicom.processes": processes, "workers.count": workers},
-        {"dicom.port": "--port", "dicom.processes": "--processes", "workers.count": "--workers"},
-    )
+    settings = _serve_overrides(settings_from(config), port, processes, workers)
     configure_logging(settings.logging.level, settings.logging.format)
 
     def ready(message: str) -> None:
@@ -242,6 +265,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Instances and jobs by state, the spool, dead letters with their last error."""
     from sqlalchemy import func, select
 
+    from node.jobs import lane_depths
     from node.runtime import open_context
     from storage.models import Instance
     from storage.records import JobState
@@ -255,6 +279,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     counts = ctx.queue.counts()
     dead = ctx.queue.list(state=JobState.DEAD, limit=10)
     spool = ctx.spool.stats()
+    lanes = lane_depths(ctx.settings.workers, counts)
     if as_json:
         out = {
             "instances": instances,
@@ -268,6 +293,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                 if spool.oldest_written_at
                 else None,
             },
+            "lanes": [dataclasses.asdict(lane) for lane in lanes],
             "dead_letters": [
                 {"id": j.id, "kind": j.kind, "attempts": j.attempts, "last_error": j.last_error}
                 for j in dead
@@ -288,6 +314,13 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     for kind in sorted({k for k, _ in counts}):
         jt.add_row(kind, *[str(counts.get((kind, st), 0)) for st in JobState])
     console.print(jt)
+    lt = Table(title="worker lanes")
+    for col in ("lane", "kinds", "workers", "queued", "running"):
+        lt.add_column(col, justify="right" if col in ("workers", "queued", "running") else "left")
+    for lane in lanes:
+        lt.add_row(lane.name, ", ".join(lane.kinds), str(lane.workers), str(lane.queued),
+                   str(lane.running))
+    console.print(lt)
     console.print(
         f"spool: {spool.count} item(s), {_size(spool.total_bytes)}, "
         f"oldest {_age(spool.oldest_written_at)}"

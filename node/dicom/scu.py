@@ -1,4 +1,9 @@
-"""The SCU side: C-ECHO a peer (and, in a later issue, send results back with C-STORE)."""
+"""The SCU side: C-ECHO a peer (and, in a later issue, send results back with C-STORE).
+
+Every function here that builds an ``AE`` first applies the node's pynetdicom set-up
+(:func:`node.dicom.configure.configure_pynetdicom`) and binds :data:`node.dicom.sockets.
+SCU_HANDLERS` (``TCP_NODELAY``) to the association it requests.
+"""
 
 from __future__ import annotations
 
@@ -11,8 +16,8 @@ from typing import Any
 from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.dicom import scp as _scp  # noqa: F401  (applies the no-identifier pynetdicom config)
-from node.dicom.scp import set_nodelay
+from node.dicom.configure import configure_pynetdicom
+from node.dicom.sockets import SCU_HANDLERS
 from node.errors import NetworkError
 
 logger = logging.getLogger(__name__)
@@ -35,14 +40,8 @@ class PeerAddress:
         return cls(m["ae"], m["host"].strip("[]"), int(m["port"]))
 
 
-def _nodelay(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        set_nodelay(sock.socket)
-
-
 def _rejection_reason(answers: list[Any]) -> str:
-    """``: <result>, <source>: <reason>`` of an A-ASSOCIATE-RJ (PS3.8 9.3.4), if one came."""
+    """`` (<result>, <source>: <reason>)`` of an A-ASSOCIATE-RJ (PS3.8 9.3.4), if one came."""
     for primitive in answers:
         if getattr(primitive, "result", None) in (0x01, 0x02):
             try:
@@ -57,6 +56,7 @@ def _rejection_reason(answers: list[Any]) -> str:
 
 def echo(peer: PeerAddress, *, calling_ae: str, timeout: float = 10.0) -> float:
     """C-ECHO *peer*; return the round trip in seconds or raise :class:`NetworkError`."""
+    configure_pynetdicom()
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
@@ -68,7 +68,7 @@ def echo(peer: PeerAddress, *, calling_ae: str, timeout: float = 10.0) -> float:
         peer.port,
         ae_title=peer.ae_title,
         evt_handlers=[
-            (evt.EVT_CONN_OPEN, _nodelay),
+            *SCU_HANDLERS,
             (evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive)),
         ],
     )
