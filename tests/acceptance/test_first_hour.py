@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.uid import SecondaryCaptureImageStorage
 
 from node.keycheck import META_NAME, fingerprint, key_check_value
@@ -234,7 +235,7 @@ def test_a_different_secret_is_refused_and_fingerprinted(tmp_path: Path) -> None
 
 
 # -- fednode deid ----------------------------------------------------------------------------
-def _secondary_capture_nm() -> object:
+def _secondary_capture_nm() -> Dataset:
     """A Secondary Capture instance whose Modality is NM: the SOP class triggers the gate."""
     ds = burned_in_us()
     ds.SOPClassUID = SecondaryCaptureImageStorage
@@ -247,7 +248,7 @@ def test_deid_report_verbose_truncated_and_collisions(tmp_path: Path) -> None:
     config = init(tmp_path)
     src = tmp_path / "in"
     study = dicomgen.write_ct_study(src / "study", series=1, per_series=3, size=16)
-    sc = dicomgen.write(_secondary_capture_nm(), src / "sc.dcm")  # type: ignore[arg-type]
+    dicomgen.write(_secondary_capture_nm(), src / "sc.dcm")
     ot = burned_in_us()
     ot.Modality, ot.SOPClassUID = "OT", "1.2.840.10008.5.1.4.1.1.2"  # CT Image, modality OT
     del ot.BurnedInAnnotation
