@@ -1,4 +1,9 @@
-"""The SCU side: C-ECHO a peer (and, in a later issue, send results back with C-STORE)."""
+"""The SCU side: C-ECHO a peer (and, in a later issue, send results back with C-STORE).
+
+Every function here that builds an ``AE`` first applies the node's pynetdicom set-up
+(:func:`node.dicom.configure.configure_pynetdicom`) and binds :data:`node.dicom.sockets.
+SCU_HANDLERS` (``TCP_NODELAY``) to the association it requests.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,11 @@ import re
 import time
 from dataclasses import dataclass
 
-from pynetdicom import AE, evt
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
-from node.dicom import scp as _scp  # noqa: F401  (applies the no-identifier pynetdicom config)
-from node.dicom.scp import set_nodelay
+from node.dicom.configure import configure_pynetdicom
+from node.dicom.sockets import SCU_HANDLERS
 from node.errors import NetworkError
 
 logger = logging.getLogger(__name__)
@@ -34,21 +39,16 @@ class PeerAddress:
         return cls(m["ae"], m["host"].strip("[]"), int(m["port"]))
 
 
-def _nodelay(event: evt.Event) -> None:
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        set_nodelay(sock.socket)
-
-
 def echo(peer: PeerAddress, *, calling_ae: str, timeout: float = 10.0) -> float:
     """C-ECHO *peer*; return the round trip in seconds or raise :class:`NetworkError`."""
+    configure_pynetdicom()
     ae = AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     started = time.monotonic()
     assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=[(evt.EVT_CONN_OPEN, _nodelay)]
+        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=SCU_HANDLERS
     )
     if not assoc.is_established:
         if assoc.is_rejected:
