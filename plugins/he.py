@@ -91,12 +91,19 @@ class HECircuit:
 
     def im2col(self, image: np.ndarray) -> np.ndarray:
         """``(W, k*k)``: the pixels of every convolution window of a ``(H, W)`` image."""
-        rows, cols = self.grid
-        k, s = self.kernel, self.stride
-        out = np.empty((rows * cols, k * k), dtype=np.float64)
+        return self.im2col_of(image, self.kernel, self.stride)
+
+    @staticmethod
+    def im2col_of(image: np.ndarray, kernel: int, stride: int) -> np.ndarray:
+        """``(W, k*k)`` windows of a ``(H, W)`` image, kernel positions row-major."""
+        height, width = image.shape
+        rows = (height - kernel) // stride + 1
+        cols = (width - kernel) // stride + 1
+        out = np.empty((rows * cols, kernel * kernel), dtype=np.float64)
         for r in range(rows):
             for c in range(cols):
-                out[r * cols + c] = image[r * s : r * s + k, c * s : c * s + k].reshape(-1)
+                patch = image[r * stride : r * stride + kernel, c * stride : c * stride + kernel]
+                out[r * cols + c] = patch.reshape(-1)
         return out
 
     def logits(self, inputs: np.ndarray) -> np.ndarray:
@@ -229,7 +236,8 @@ class HELayout:
     def problems(self) -> list[str]:
         out = []
         if self.period > self.slots:
-            out.append(f"{self.channels * self.windows} convolution outputs exceed {self.slots} slots")
+            outputs = self.channels * self.windows
+            out.append(f"{outputs} convolution outputs exceed {self.slots} slots")
         elif self.rows > self.period:
             out.append(
                 f"hidden width {self.hidden} is too large for {self.channels * self.windows} inputs"
