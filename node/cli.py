@@ -609,10 +609,12 @@ def secret_fingerprint(
 # Commands that live with their area (de-identification, tasks) register themselves here.
 def _register_extensions() -> None:
     from node.deid.commands import register as register_deid
+    from node.inference.commands import register as register_inference
     from node.tasks.commands import register as register_tasks
 
     register_deid(app)
     register_tasks(app)
+    register_inference(app)
 
 
 _register_extensions()

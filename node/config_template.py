@@ -114,6 +114,15 @@ enabled = ["chest_xray"]
 # A study is complete (and its tasks run) after no instance arrived for this many seconds.
 quiet_period_seconds = 300
 
+[inference]
+# The model owner's encrypted-inference service (only ciphertexts are sent to it) and the file
+# with this node's token (issued by the service's administrator: `fednode inference-server
+# token issue NODE`). Without a server, studies wait in the "infer" queue.
+# server = "https://models.example.org:8443"
+# token_file = "/etc/fednode/inference.token"
+# A new CKKS key per task after this many days (results keep the id of their key).
+key_rotation_days = 30
+
 [logging]
 # DEBUG, INFO, WARNING or ERROR; format "text" or "json". Logs never contain patient data.
 level = "INFO"
