@@ -187,9 +187,10 @@ class ExportDestination(_Section):
         None, description="calling AE title towards this destination (default: node.ae_title)"
     )
 
-    _ae = field_validator("ae_title", "peer", "calling_ae")(
-        lambda v: None if v is None else _check_ae_title(v)
-    )
+    @field_validator("ae_title", "peer", "calling_ae")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
 
     @field_validator("name")
     @classmethod
@@ -210,11 +211,14 @@ class ExportSection(_Section):
         default_factory=list,
         description="[[export.destinations]]: where reports are sent (none = kept in the outbox)",
     )
-    max_attempts: int = Field(8, ge=1, description="C-STORE attempts per destination")
-    backoff_seconds: float = Field(
-        30.0, ge=0, description="first retry delay of an export, seconds (doubles each try)"
+    max_attempts: int = Field(
+        12,
+        ge=1,
+        description=(
+            "C-STORE attempts per destination before the export is dead-lettered (retry delays "
+            "follow [workers] backoff_seconds, doubling, capped at backoff_max_seconds)"
+        ),
     )
-    backoff_max_seconds: float = Field(3600.0, ge=0, description="longest export retry delay")
     timeout_seconds: float = Field(
         30.0, gt=0, description="association and DIMSE timeout towards a destination, seconds"
     )

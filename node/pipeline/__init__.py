@@ -62,7 +62,12 @@ PERIODIC: dict[str, tuple[float, Periodic]] = {}
 """Sweeps the workers run every so many seconds (name -> (interval, function))."""
 
 # Modules that register handlers when imported; a later issue adds its module here.
-HANDLER_MODULES: tuple[str, ...] = ("node.pipeline.assemble", "node.pipeline.deidentify")
+HANDLER_MODULES: tuple[str, ...] = (
+    "node.pipeline.assemble",
+    "node.pipeline.deidentify",
+    "node.pipeline.report",
+    "node.pipeline.export",
+)
 
 
 def register(kind: str) -> Callable[[Handler], Handler]:
