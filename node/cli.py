@@ -6,6 +6,7 @@ Exit codes are :class:`node.errors.ExitCode`: 0 ok, 1 failure, 2 usage, 3 config
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -118,7 +119,9 @@ def init(
 def serve(
     config: ConfigOpt = None,
     port: Annotated[int | None, typer.Option(help="override dicom.port")] = None,
-    workers: Annotated[int | None, typer.Option(help="override workers.count")] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="worker processes in every lane (0 = no workers)")
+    ] = None,
     processes: Annotated[int | None, typer.Option(help="override dicom.processes")] = None,
 ) -> None:
     """Run the node: the DICOM SCP and the workers, until SIGTERM."""
@@ -135,7 +138,7 @@ def serve(
         )
         updates["dicom"] = dicom
     if workers is not None:
-        updates["workers"] = settings.workers.model_copy(update={"count": workers})
+        updates["workers"] = settings.workers.with_count(workers)
     if updates:
         settings = settings.model_copy(update=updates)
     configure_logging(settings.logging.level, settings.logging.format)
@@ -147,6 +150,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     """Instances and jobs by state, the spool, dead letters with their last error."""
     from sqlalchemy import func, select
 
+    from node.jobs import lane_depths
     from node.runtime import open_context
     from storage.models import Instance
     from storage.records import JobState
@@ -160,6 +164,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     counts = ctx.queue.counts()
     dead = ctx.queue.list(state=JobState.DEAD, limit=10)
     spool = ctx.spool.stats()
+    lanes = lane_depths(ctx.settings.workers, counts)
     from node.report.status import STEPS, study_progress
 
     studies = study_progress(ctx.db)
@@ -186,6 +191,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
                 if spool.oldest_written_at
                 else None,
             },
+            "lanes": [dataclasses.asdict(lane) for lane in lanes],
             "dead_letters": [
                 {"id": j.id, "kind": j.kind, "attempts": j.attempts, "last_error": j.last_error}
                 for j in dead
@@ -206,6 +212,13 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     for kind in sorted({k for k, _ in counts}):
         jt.add_row(kind, *[str(counts.get((kind, st), 0)) for st in JobState])
     console.print(jt)
+    lt = Table(title="worker lanes")
+    for col in ("lane", "kinds", "workers", "queued", "running"):
+        lt.add_column(col, justify="right" if col in ("workers", "queued", "running") else "left")
+    for lane in lanes:
+        lt.add_row(lane.name, ", ".join(lane.kinds), str(lane.workers), str(lane.queued),
+                   str(lane.running))
+    console.print(lt)
     console.print(
         f"spool: {spool.count} item(s), {_size(spool.total_bytes)}, "
         f"oldest {_age(spool.oldest_written_at)}"

@@ -109,13 +109,78 @@ class DatabaseSection(_Section):
     pool_size: int = Field(5, ge=1, description="connections per process (PostgreSQL)")
 
 
+_JOB_KINDS = ("deidentify", "assemble", "infer", "report", "export")
+"""The job kinds (``node.jobs.JobKind``; listed here so that config does not import the jobs)."""
+_LANE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class LaneSection(_Section):
+    """One lane: worker processes that serve only these job kinds."""
+
+    kinds: list[str] = Field(description="job kinds this lane serves")
+    count: int = Field(1, ge=0, le=64, description="worker processes of this lane (0 = none)")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        unknown = [k for k in value if k not in _JOB_KINDS]
+        if unknown or not value:
+            raise ValueError(
+                f"job kinds must be a non-empty list of {', '.join(_JOB_KINDS)}"
+                + (f" (unknown: {', '.join(map(repr, unknown))})" if unknown else "")
+            )
+        return value
+
+
+def _default_lanes() -> dict[str, LaneSection]:
+    return {
+        "ingest": LaneSection(kinds=["deidentify", "assemble"], count=2),
+        "results": LaneSection(kinds=["infer", "report", "export"], count=1),
+    }
+
+
 class WorkersSection(_Section):
-    count: int = Field(2, ge=0, le=64, description="worker processes (0 = none)")
+    lanes: dict[str, LaneSection] = Field(
+        default_factory=_default_lanes,
+        description="worker lanes: [workers.lanes.<name>] with kinds = [...] and count = N",
+    )
     lease_seconds: float = Field(300.0, gt=0, description="how long a leased job stays reserved")
     max_attempts: int = Field(5, ge=1, description="attempts before a job is dead-lettered")
     backoff_seconds: float = Field(10.0, ge=0, description="first retry delay (doubles each try)")
     backoff_max_seconds: float = Field(3600.0, ge=0, description="longest retry delay")
     poll_seconds: float = Field(0.5, gt=0, description="idle wait between queue polls")
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes_cover_every_kind_once(cls, lanes: dict[str, LaneSection]) -> dict[str, LaneSection]:
+        owner: dict[str, str] = {}
+        for name, lane in lanes.items():
+            if not _LANE_NAME_RE.match(name):
+                raise ValueError(f"lane name {name!r}: lower-case letters, digits, '-', '_'")
+            for kind in lane.kinds:
+                if kind in owner:
+                    raise ValueError(
+                        f"job kind {kind!r} is in lanes {owner[kind]!r} and {name!r}; "
+                        "put each kind in one lane"
+                    )
+                owner[kind] = name
+        missing = [k for k in _JOB_KINDS if k not in owner]
+        if missing:
+            raise ValueError(
+                f"no lane serves job kind(s) {', '.join(missing)}; add them to a lane's kinds "
+                "(a lane with count = 0 keeps them queued)"
+            )
+        return lanes
+
+    @property
+    def count(self) -> int:
+        """Worker processes over all lanes."""
+        return sum(lane.count for lane in self.lanes.values())
+
+    def with_count(self, count: int) -> WorkersSection:
+        """The same lanes with *count* worker processes each (``serve --workers``)."""
+        lanes = {n: lane.model_copy(update={"count": count}) for n, lane in self.lanes.items()}
+        return self.model_copy(update={"lanes": lanes})
 
 
 class SpoolSection(_Section):

@@ -51,8 +51,6 @@ shutdown_grace_seconds = 30
 url = ""
 
 [workers]
-# Worker processes that de-identify and process queued jobs.
-count = 2
 # Attempts before a job is dead-lettered (see `fednode status`, `fednode jobs retry`).
 max_attempts = 5
 # First retry delay in seconds; it doubles on every attempt up to backoff_max_seconds.
@@ -60,6 +58,18 @@ backoff_seconds = 10
 backoff_max_seconds = 3600
 # Seconds a worker holds a job before another may take it over (extended while it runs).
 lease_seconds = 300
+
+# Lanes: each lane's worker processes serve only its job kinds, so a slow kind (an encrypted
+# inference round trip, a PACS that is slow to accept a report) never holds up
+# de-identification. Every kind belongs to exactly one lane; count = 0 keeps a lane's jobs
+# queued. `fednode serve --workers N` runs N processes in every lane.
+[workers.lanes.ingest]
+kinds = ["deidentify", "assemble"]
+count = 2
+
+[workers.lanes.results]
+kinds = ["infer", "report", "export"]
+count = 1
 
 [spool]
 # Hours the encrypted spool record of a rejected instance is kept (for investigation).

@@ -57,3 +57,21 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root.setLevel(level)
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
+
+
+KEY_PREFIX_CHARS = 17
+"""Characters of a pseudonymous key kept in log lines (``2.25.`` and 12 digits)."""
+
+
+def short_key(key: str | None) -> str:
+    """A pseudonymous key (``2.25.<decimal>`` study or instance key) shortened for a log line.
+
+    The first :data:`KEY_PREFIX_CHARS` characters (about 40 bits) tell studies apart in a log
+    and match the start of the full key that ``fednode status`` and the database show. Every
+    log line that names a study, series or instance uses this, and passes the full key as a
+    structured field (``extra={"study_key": key}``) where the JSON format carries it. Never
+    call it on an original UID: those are never logged.
+    """
+    if not key:
+        return "-"
+    return key if len(key) <= KEY_PREFIX_CHARS else key[:KEY_PREFIX_CHARS] + "…"

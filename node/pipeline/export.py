@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 
 from node.config import Settings
 from node.errors import ConfigError, NetworkError, NodeError
-from node.pipeline import JobContext, PermanentJobError, register
+from node.jobs import ExportPayload, JobContext, JobKind, PermanentJobError, enqueue, register
 from storage.errors import IntegrityError, StorageError
 from storage.models import JobRow, Report, ReportExport
 from storage.outbox import Outbox
@@ -43,7 +43,7 @@ from storage.records import ExportState, Job, ReportState
 
 logger = logging.getLogger(__name__)
 
-EXPORT_KIND = "export"
+EXPORT_KIND = JobKind.EXPORT.value
 
 
 class ExportFailed(NodeError):
@@ -139,9 +139,9 @@ def queue_exports(
         session.add(
             ReportExport(report_id=report_id, destination=name, state=ExportState.QUEUED.value)
         )
-        ctx.queue.enqueue(
-            EXPORT_KIND,
-            {"report_id": report_id, "destination": name},
+        enqueue(
+            ctx.queue,
+            ExportPayload(report_id, name),
             dedupe_key=export_dedupe_key(report_id, name),
             max_attempts=ctx.settings.export.max_attempts,
             session=session,
@@ -298,9 +298,9 @@ def retry_exports(ctx: JobContext, delivery_ids: Iterable[int] | None = None) ->
         missing = [k for k in keys if k not in jobs]
         for key in missing:  # the dead job was purged: queue a fresh one
             report_id, destination = key.split(":", 2)[1:]
-            ctx.queue.enqueue(
-                EXPORT_KIND,
-                {"report_id": int(report_id), "destination": destination},
+            enqueue(
+                ctx.queue,
+                ExportPayload(int(report_id), destination),
                 dedupe_key=key,
                 max_attempts=ctx.settings.export.max_attempts,
                 session=session,
@@ -313,15 +313,14 @@ def retry_exports(ctx: JobContext, delivery_ids: Iterable[int] | None = None) ->
     return len(keys)
 
 
-@register(EXPORT_KIND)
-def handle_export(job: Job, ctx: JobContext) -> None:
+@register(JobKind.EXPORT)
+def handle_export(job: Job, payload: ExportPayload, ctx: JobContext) -> None:
     """The ``export`` job: :func:`export_one` with the job's attempt count."""
-    try:
-        report_id = int(job.payload["report_id"])
-        destination = str(job.payload["destination"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PermanentJobError(f"malformed export payload: {type(exc).__name__}") from exc
     export_one(
-        ctx, report_id, destination, attempt=job.attempts, max_attempts=job.max_attempts
+        ctx,
+        payload.report_id,
+        payload.destination,
+        attempt=job.attempts,
+        max_attempts=job.max_attempts,
     )
 

@@ -43,7 +43,16 @@ from sqlalchemy.exc import IntegrityError as SqlIntegrityError
 from node import __version__
 from node.deid import vault
 from node.errors import PluginError
-from node.pipeline import JobContext, PermanentJobError, periodic, register
+from node.jobs import (
+    JobContext,
+    JobKind,
+    PermanentJobError,
+    ReportPayload,
+    enqueue,
+    periodic,
+    register,
+)
+from node.logs import short_key
 from node.pipeline.export import destinations, outbox_of, queue_exports
 from node.report.builder import (
     DocumentReference,
@@ -64,7 +73,7 @@ from storage.records import ExportState, Job, ReportState
 
 logger = logging.getLogger(__name__)
 
-REPORT_KIND = "report"
+REPORT_KIND = JobKind.REPORT.value
 TICK_SECONDS = 1.0
 BATCH = 200
 ORPHAN_SECONDS = 3600.0
@@ -108,7 +117,10 @@ def _images(
         try:
             headers[inst.sop_key] = read_header(ctx.blobs, inst.blob_digest)
         except (StorageError, StudyDataError) as exc:
-            logger.warning("study %s: instance %s not read: %s", study_key, inst.sop_key, exc)
+            logger.warning(
+                "study %s: instance %s not read: %s",
+                short_key(study_key), short_key(inst.sop_key), exc,
+            )
     accepted = [key for key, header in headers.items() if safe_accepts(plugin, header)]
     if not accepted:
         raise PermanentJobError(
@@ -168,7 +180,7 @@ def build_for_result(
     if superseded or current != version:
         logger.info(
             "result %d (study %s v%d) is superseded by a newer version; not reported",
-            result_id, study_key, version,
+            result_id, short_key(study_key), version,
         )
         return None
     if tasks is None:
@@ -278,20 +290,16 @@ def build_for_result(
     logger.info(
         "report %d: study %s v%d task %s -> %s (p=%.3f), %d byte(s) in the outbox, "
         "export queued to: %s",
-        report_id, study_key, version, task, decided.name, probability, size,
+        report_id, short_key(study_key), version, task, decided.name, probability, size,
         ", ".join(names) or "no destination (kept in the outbox)",
     )
     return report_id
 
 
-@register(REPORT_KIND)
-def handle_report(job: Job, ctx: JobContext) -> None:
+@register(JobKind.REPORT)
+def handle_report(job: Job, payload: ReportPayload, ctx: JobContext) -> None:
     """The ``report`` job: :func:`build_for_result`."""
-    try:
-        result_id = int(job.payload["result_id"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PermanentJobError(f"malformed report payload: {type(exc).__name__}") from exc
-    build_for_result(ctx, result_id)
+    build_for_result(ctx, payload.result_id)
 
 
 # -- the sweep -------------------------------------------------------------------------------
@@ -320,9 +328,9 @@ def report_sweep(ctx: JobContext, *, now: datetime | None = None) -> dict[str, i
             .limit(BATCH)
         ).scalars().all()
         for result_id in new:
-            job_id = ctx.queue.enqueue(
-                REPORT_KIND,
-                {"result_id": result_id},
+            job_id = enqueue(
+                ctx.queue,
+                ReportPayload(result_id),
                 dedupe_key=report_dedupe_key(result_id),
                 session=session,
             )
@@ -403,7 +411,7 @@ def remove_orphans(ctx: JobContext, *, older_than_seconds: float = ORPHAN_SECOND
 _last_sweep: dict[int, float] = {}
 
 
-@periodic("report", TICK_SECONDS)
+@periodic("report", TICK_SECONDS, kind=JobKind.REPORT)
 def report_periodic(ctx: JobContext) -> None:
     """The worker's periodic hook: :func:`report_sweep` at most every ``sweep_seconds``."""
     now = time.monotonic()

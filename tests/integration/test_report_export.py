@@ -23,9 +23,8 @@ from sqlalchemy import select, update
 
 from node.config import ExportDestination, ExportSection, WorkersSection
 from node.deid.pseudonyms import token, uid_pseudonym
-from node.pipeline import JobContext, load_handlers
+from node.jobs import JobContext, JobKind, load_handlers
 from node.pipeline.assemble import sweep
-from node.pipeline.deidentify import KIND as DEIDENTIFY
 from node.pipeline.export import EXPORT_KIND, destinations, outbox_of, retry_exports
 from node.pipeline.report import REPORT_KIND, report_sweep, sr_instance_uid
 from node.report.status import study_progress
@@ -38,6 +37,8 @@ from tests.support.reports import StoreSCP, dciodvfy_errors
 from tests.support.storage import make_context, receive_instance
 
 pytestmark = pytest.mark.dcmtk
+
+DEIDENTIFY = JobKind.DEIDENTIFY.value
 
 
 def _context(root: Path, pacs_port: int, *, max_attempts: int = 5) -> JobContext:
