@@ -22,9 +22,9 @@ from node.deid.pseudonyms import uid_pseudonym
 from plugins.chest_xray.task import ChestXrayTask
 from storage.db import Database
 from storage.models import DeidInstance, Report, ReportExport, Result
+from tests.acceptance.test_receive_node import storescu
 from tests.support.node import RunningNode, free_port, init_node
 from tests.support.reports import StoreSCP
-from tests.acceptance.test_receive_node import storescu
 
 pytestmark = [pytest.mark.dcmtk, pytest.mark.slow]
 
