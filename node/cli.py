@@ -403,12 +403,14 @@ def config_check(config: ConfigOpt = None) -> None:
 # Commands that live with their area (de-identification, tasks) register themselves here.
 def _register_extensions() -> None:
     from node.deid.commands import register as register_deid
+    from node.inference.commands import register as register_inference
     from node.report.commands import register as register_exports
     from node.tasks.commands import register as register_tasks
 
     register_deid(app)
     register_tasks(app)
     register_exports(app)
+    register_inference(app)
 
 
 _register_extensions()

@@ -446,6 +446,36 @@ class DeidSection(_Section):
         return [m.strip().upper() for m in value if m.strip()]
 
 
+class InferenceSection(_Section):
+    """Encrypted inference: the model owner's service this node sends ciphertexts to."""
+
+    server: str | None = Field(
+        default=None,
+        description='URL of the inference service, e.g. "https://models.example.org:8443"',
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="file holding this node's token for the service (mode 0600; "
+        "issued by the service's administrator)",
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify the service's TLS certificate"
+    )
+    timeout_seconds: float = Field(
+        default=120.0, gt=0, description="longest wait for one service request"
+    )
+    key_rotation_days: float = Field(
+        default=30.0, gt=0, description="a new CKKS key per task after this many days"
+    )
+
+    @field_validator("server")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="one of DEBUG, INFO, WARNING, ERROR"
@@ -472,6 +502,7 @@ class Settings(BaseSettings):
     deid: DeidSection = DeidSection()
     tasks: TasksSection = TasksSection()
     export: ExportSection = ExportSection()
+    inference: InferenceSection = InferenceSection()
 
     source_file: Path | None = Field(None, exclude=True)
 

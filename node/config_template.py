@@ -112,6 +112,15 @@ enabled = ["chest_xray"]
 # A study is complete (and its tasks run) after no instance arrived for this many seconds.
 quiet_period_seconds = 300
 
+[inference]
+# The model owner's encrypted-inference service (only ciphertexts are sent to it) and the file
+# with this node's token (issued by the service's administrator: `fednode inference-server
+# token issue NODE`). Without a server, studies wait in the "infer" queue.
+# server = "https://models.example.org:8443"
+# token_file = "/etc/fednode/inference.token"
+# A new CKKS key per task after this many days (results keep the id of their key).
+key_rotation_days = 30
+
 [export]
 # Structured Reports (DICOM TID 1500) of each result, sent back to the PACS by C-STORE, filed
 # under the original patient and study. "comprehensive-3d" (Comprehensive 3D SR) or "enhanced"

@@ -264,6 +264,7 @@ HANDLER_MODULES: tuple[str, ...] = (
     "node.pipeline.deidentify",
     "node.pipeline.report",
     "node.pipeline.export",
+    "node.pipeline.infer",
 )
 """Modules that register handlers and sweeps when imported; each stage adds its module here."""
 
