@@ -278,6 +278,72 @@ class TasksSection(_Section):
         return value
 
 
+_DEST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class ExportDestination(_Section):
+    """A DICOM Storage SCP (the PACS) that receives the node's Structured Reports.
+
+    Give either ``ae_title``, ``host`` and ``port``, or ``peer``: the AE title of a
+    ``[[dicom.peers]]`` entry whose ``host`` and ``port`` are used.
+    """
+
+    name: str | None = Field(
+        None, description="a short name for listings (a-z 0-9 _ -; default: the AE title)"
+    )
+    ae_title: str | None = Field(None, description="the destination's called AE title")
+    host: str | None = Field(None, description="the destination's IP address or host name")
+    port: int | None = Field(None, ge=1, le=65535, description="the destination's DICOM port")
+    peer: str | None = Field(
+        None, description="use the host and port of the [[dicom.peers]] entry with this AE title"
+    )
+    calling_ae: str | None = Field(
+        None, description="calling AE title towards this destination (default: node.ae_title)"
+    )
+
+    @field_validator("ae_title", "peer", "calling_ae")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _DEST_NAME_RE.match(value):
+            raise ValueError("a destination name is 1-32 characters of a-z, 0-9, '_' and '-'")
+        return value
+
+
+class ExportSection(_Section):
+    """Structured Reports back to the PACS: format, destinations, retries, outbox retention."""
+
+    sr_format: Literal["comprehensive-3d", "enhanced"] = Field(
+        "comprehensive-3d",
+        description="SR storage class: 'comprehensive-3d' (default) or 'enhanced'",
+    )
+    destinations: list[ExportDestination] = Field(
+        default_factory=list,
+        description="[[export.destinations]]: where reports are sent (none = kept in the outbox)",
+    )
+    max_attempts: int = Field(
+        12,
+        ge=1,
+        description=(
+            "C-STORE attempts per destination before the export is dead-lettered (retry delays "
+            "follow [workers] backoff_seconds, doubling, capped at backoff_max_seconds)"
+        ),
+    )
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="association and DIMSE timeout towards a destination, seconds"
+    )
+    retention_hours: float = Field(
+        72.0, ge=0, description="hours an acknowledged SR stays in the encrypted outbox"
+    )
+    sweep_seconds: float = Field(
+        2.0, gt=0, description="how often a worker looks for new results to report"
+    )
+
+
 _PRIVATE_TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),\s*[xX]{2}([0-9A-Fa-f]{2})\)?$")
 _PREFIX_RE = re.compile(r"^[A-Z0-9_-]{0,16}$")
 
@@ -484,6 +550,7 @@ class Settings(BaseSettings):
     logging: LoggingSection = LoggingSection()
     deid: DeidSection = DeidSection()
     tasks: TasksSection = TasksSection()
+    export: ExportSection = ExportSection()
     inference: InferenceSection = InferenceSection()
 
     source_file: Path | None = Field(None, exclude=True)
@@ -519,6 +586,10 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.node.data_dir / "blobs"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.node.data_dir / "outbox"
 
     @property
     def models_dir(self) -> Path:

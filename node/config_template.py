@@ -123,6 +123,27 @@ quiet_period_seconds = 300
 # A new CKKS key per task after this many days (results keep the id of their key).
 key_rotation_days = 30
 
+[export]
+# Structured Reports (DICOM TID 1500) of each result, sent back to the PACS by C-STORE, filed
+# under the original patient and study. "comprehensive-3d" (Comprehensive 3D SR) or "enhanced"
+# (Enhanced SR, for a PACS that does not store Comprehensive 3D SR).
+sr_format = "comprehensive-3d"
+# C-STORE attempts per destination before the delivery is dead-lettered (retry delays follow
+# backoff_seconds of the workers section, doubling); `fednode exports retry` re-queues them.
+max_attempts = 12
+# Association and DIMSE timeout towards a destination, seconds.
+timeout_seconds = 30
+# Hours an acknowledged SR stays in the encrypted outbox before it is deleted.
+retention_hours = 72
+# Where reports go: one block per destination, with ae_title, host and port, or with
+# peer = the AE title of a [[dicom.peers]] entry that has host and port. None: reports stay in
+# the encrypted outbox.
+# [[export.destinations]]
+# name = "pacs"
+# ae_title = "PACS"
+# host = "10.0.0.5"
+# port = 104
+
 [logging]
 # DEBUG, INFO, WARNING or ERROR; format "text" or "json". Logs never contain patient data.
 level = "INFO"

@@ -262,6 +262,8 @@ PERIODIC: dict[str, Sweep] = {}
 HANDLER_MODULES: tuple[str, ...] = (
     "node.pipeline.assemble",
     "node.pipeline.deidentify",
+    "node.pipeline.report",
+    "node.pipeline.export",
     "node.pipeline.infer",
 )
 """Modules that register handlers and sweeps when imported; each stage adds its module here."""
