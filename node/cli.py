@@ -364,10 +364,12 @@ def config_check(config: ConfigOpt = None) -> None:
 # Commands that live with their area (de-identification, tasks) register themselves here.
 def _register_extensions() -> None:
     from node.deid.commands import register as register_deid
+    from node.federated.commands import register as register_federation
     from node.tasks.commands import register as register_tasks
 
     register_deid(app)
     register_tasks(app)
+    register_federation(app)
 
 
 _register_extensions()
