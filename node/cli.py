@@ -635,6 +635,7 @@ def secret_fingerprint(
 # Commands that live with their area (de-identification, tasks) register themselves here.
 def _register_extensions() -> None:
     from node.deid.commands import register as register_deid
+    from node.federated.commands import register as register_federation
     from node.inference.commands import register as register_inference
     from node.report.commands import register as register_exports
     from node.tasks.commands import register as register_tasks
@@ -643,6 +644,7 @@ def _register_extensions() -> None:
     register_tasks(app)
     register_exports(app)
     register_inference(app)
+    register_federation(app)
 
 
 _register_extensions()

@@ -532,6 +532,34 @@ class LoggingSection(_Section):
     format: Literal["text", "json"] = Field("text", description="text or json")
 
 
+class FederationSection(_Section):
+    """How the node takes part in a Flower federation (``fednode federation ...``).
+
+    Where the federation is (SuperLink address, CA certificate, site name) is recorded by
+    ``fednode federation enroll`` under ``<data_dir>/federation/``; this section holds the
+    operator's choices for running the SuperNode.
+    """
+
+    runtime_port: int = Field(
+        9094, ge=1, le=65535, description="loopback port of the SuperNode's Runtime API"
+    )
+    local_dp_noise_multiplier: float = Field(
+        0.0,
+        ge=0.0,
+        description="local DP: Gaussian noise (times the clipping norm) added to each update "
+        "on the node before it leaves (0 = off)",
+    )
+    restart_delay_seconds: float = Field(
+        2.0, gt=0, description="first delay before restarting a failed SuperNode (doubles)"
+    )
+    restart_delay_max_seconds: float = Field(
+        60.0, gt=0, description="longest delay between SuperNode restarts"
+    )
+    max_wait_seconds: float | None = Field(
+        None, gt=0, description="SuperNode: give up connecting to the SuperLink after this long"
+    )
+
+
 class Settings(BaseSettings):
     """Everything the node is configured with. Build it with :func:`load_settings`."""
 
@@ -552,6 +580,7 @@ class Settings(BaseSettings):
     tasks: TasksSection = TasksSection()
     export: ExportSection = ExportSection()
     inference: InferenceSection = InferenceSection()
+    federation: FederationSection = FederationSection()
 
     source_file: Path | None = Field(None, exclude=True)
 
