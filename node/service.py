@@ -123,6 +123,8 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
         site_key=ctx.keys.site,
         data_dir=settings.data_dir,
         free_space_floor_bytes=settings.dicom.free_space_floor_mb * 1024 * 1024,
+        max_instance_bytes=settings.dicom.max_instance_mb << 20,
+        max_inflated_bytes=settings.dicom.max_inflated_mb << 20,
     )
     scp = StorageSCP(settings, receiver, processes=processes)
     ctx.db.warm_up()
