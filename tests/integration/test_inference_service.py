@@ -9,7 +9,6 @@ malformed body, and keeps serving; what crosses the wire holds no pixel and no d
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -98,9 +97,9 @@ def test_the_service_refuses_bad_requests_and_keeps_serving(setup: Setup) -> Non
     url = setup.service.url
     auth = {"Authorization": f"Bearer {setup.token}"}
     assert httpx.get(url + "/v1/model").status_code == 401
-    assert httpx.get(url + "/v1/model", headers={"Authorization": "Bearer nope"}).status_code == 401
-    forged = setup.token[:-4] + "AAAA"
-    assert httpx.get(url + "/v1/model", headers={"Authorization": f"Bearer {forged}"}).status_code == 401
+    for bad in ("nope", "fnt.node-b.x", setup.token[:-4] + "AAAA"):
+        r = httpx.get(url + "/v1/model", headers={"Authorization": f"Bearer {bad}"})
+        assert r.status_code == 401 and r.json()["code"] == "unauthenticated"
     info = httpx.get(url + "/v1/model", headers=auth).json()
 
     # A context with its secret key is refused (422), whatever else is right about it.
@@ -197,7 +196,12 @@ def test_no_pixel_and_no_decrypted_value_crosses_the_wire(
     inputs, _ = synthetic_inputs(setup.plugin, 2, seed=99)
     results = pred.predict(setup.plugin, list(inputs))
     kinds = [(m, p.split("/")[2]) for m, p, _ in recording.requests]
-    assert kinds == [("GET", "model"), ("GET", "contexts"), ("PUT", "contexts"), ("POST", "evaluate")]
+    assert kinds == [
+        ("GET", "model"),
+        ("GET", "contexts"),
+        ("PUT", "contexts"),
+        ("POST", "evaluate"),
+    ]
     decrypted = np.array([r.logit for r in results] + [r.probability for r in results])
     for method, path, body in recording.requests:
         if not body:
