@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -107,6 +108,54 @@ class DatabaseSection(_Section):
     )
     busy_timeout_ms: int = Field(10000, ge=0, description="SQLite lock wait, milliseconds")
     pool_size: int = Field(5, ge=1, description="connections per process (PostgreSQL)")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        check_database_url(value)
+        return value.strip()
+
+
+_SUPPORTED_DATABASES = (
+    "fednode stores its data in SQLite (leave url empty, or sqlite:///PATH) or PostgreSQL "
+    "(postgresql+psycopg://USER@HOST:PORT/DB)"
+)
+
+
+def check_database_url(url: str) -> None:
+    """Refuse a database URL fednode cannot use, saying which form it takes.
+
+    The message never repeats the URL (it may hold a password).
+    """
+    url = url.strip()
+    if not url:
+        return
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL (no '://'); {_SUPPORTED_DATABASES}")
+    backend, _, driver = scheme.lower().partition("+")
+    if backend in ("postgres", "postgresql"):
+        if backend == "postgres" or driver != "psycopg":
+            raise ValueError(
+                f"write PostgreSQL URLs as postgresql+psycopg://… (the psycopg 3 driver fednode "
+                f"installs), not {scheme}://…"
+            )
+    elif backend == "sqlite":
+        if driver not in ("", "pysqlite"):
+            raise ValueError(f"SQLite URLs are sqlite:///PATH, not {scheme}://…")
+    else:
+        raise ValueError(f"{scheme}:// is not supported: {_SUPPORTED_DATABASES}")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"the URL cannot be parsed; {_SUPPORTED_DATABASES}") from None
+    try:
+        parsed.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise ValueError("the port in the URL is not a number") from None
 
 
 _JOB_KINDS = ("deidentify", "assemble", "infer", "report", "export")
@@ -483,6 +532,34 @@ class LoggingSection(_Section):
     format: Literal["text", "json"] = Field("text", description="text or json")
 
 
+class FederationSection(_Section):
+    """How the node takes part in a Flower federation (``fednode federation ...``).
+
+    Where the federation is (SuperLink address, CA certificate, site name) is recorded by
+    ``fednode federation enroll`` under ``<data_dir>/federation/``; this section holds the
+    operator's choices for running the SuperNode.
+    """
+
+    runtime_port: int = Field(
+        9094, ge=1, le=65535, description="loopback port of the SuperNode's Runtime API"
+    )
+    local_dp_noise_multiplier: float = Field(
+        0.0,
+        ge=0.0,
+        description="local DP: Gaussian noise (times the clipping norm) added to each update "
+        "on the node before it leaves (0 = off)",
+    )
+    restart_delay_seconds: float = Field(
+        2.0, gt=0, description="first delay before restarting a failed SuperNode (doubles)"
+    )
+    restart_delay_max_seconds: float = Field(
+        60.0, gt=0, description="longest delay between SuperNode restarts"
+    )
+    max_wait_seconds: float | None = Field(
+        None, gt=0, description="SuperNode: give up connecting to the SuperLink after this long"
+    )
+
+
 class Settings(BaseSettings):
     """Everything the node is configured with. Build it with :func:`load_settings`."""
 
@@ -503,6 +580,7 @@ class Settings(BaseSettings):
     tasks: TasksSection = TasksSection()
     export: ExportSection = ExportSection()
     inference: InferenceSection = InferenceSection()
+    federation: FederationSection = FederationSection()
 
     source_file: Path | None = Field(None, exclude=True)
 
@@ -658,3 +736,125 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
             f"(in the file, or with the environment variable {env})"
         )
     return "\n".join(lines)
+
+
+# -- values from the command line ------------------------------------------------------------
+# CLI flags go through the same models as the file: a flag's error names the flag.
+
+
+def _describe_flags(exc: ValidationError, section: str, flags: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        field = str(loc[0]) if loc else ""
+        flag = flags.get(field, f"{section}.{field}")
+        desc = _field_description((section, *loc))
+        fix = f"; expected {desc}" if desc else ""
+        lines.append(f"{flag} {err.get('input')!r}: {err.get('msg')}{fix}")
+    return "invalid option " + "; ".join(lines)
+
+
+def validated_section(
+    section: str, values: Mapping[str, Any], flags: Mapping[str, str] | None = None
+) -> Any:
+    """Build the ``[section]`` model from *values*, as the file's values are validated.
+
+    Raises
+    ------
+    ConfigError
+        Naming the flag (from *flags*, field name -> ``--flag``) and what it expects.
+    """
+    model = Settings.model_fields[section].annotation
+    assert isinstance(model, type) and issubclass(model, BaseModel)
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        raise ConfigError(_describe_flags(exc, section, flags or {})) from None
+
+
+def apply_overrides(
+    settings: Settings, overrides: Mapping[str, Any], flags: Mapping[str, str]
+) -> Settings:
+    """*settings* with ``"section.key": value`` overrides (``None`` values ignored), each
+    validated like the file's value; *flags* maps ``"section.key"`` to the flag's name."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        by_section.setdefault(section, {})[key] = value
+    updates: dict[str, Any] = {}
+    problems: list[str] = []
+    for section, values in by_section.items():
+        current: BaseModel = getattr(settings, section)
+        merged = {**current.model_dump(), **values}
+        names = {
+            dotted.partition(".")[2]: flag
+            for dotted, flag in flags.items()
+            if dotted.startswith(section + ".")
+        }
+        try:
+            updates[section] = validated_section(section, merged, names)
+        except ConfigError as exc:
+            problems.append(str(exc).removeprefix("invalid option "))
+    if problems:
+        raise ConfigError("invalid option " + "; ".join(problems))
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def parse_peer(text: str) -> Peer:
+    """Parse a ``--peer`` value: ``AE``, ``AE@HOST`` or ``AE@HOST:PORT`` (IPv6 in brackets:
+    ``AE@[::1]:104``).
+
+    Raises
+    ------
+    ConfigError
+        If the form is not one of these, or the AE title, host or port is invalid.
+    """
+    forms = "AE, AE@HOST or AE@HOST:PORT (IPv6: AE@[ADDR]:PORT), e.g. PACS@10.0.0.5:104"
+    ae, at, rest = text.strip().partition("@")
+    host: str | None = None
+    port: str | None = None
+    if at:
+        if rest.startswith("["):
+            addr, bracket, tail = rest[1:].partition("]")
+            if not bracket or (tail and not tail.startswith(":")):
+                raise ConfigError(f"--peer {text!r}: not {forms}")
+            host, port = addr, (tail[1:] if tail else None)
+        elif rest.count(":") > 1:  # a bare IPv6 address, no port
+            host = rest
+        else:
+            host, colon, port_text = rest.partition(":")
+            port = port_text if colon else None
+        if not host:
+            raise ConfigError(f"--peer {text!r}: no host after '@'; give {forms}")
+    values: dict[str, Any] = {"ae_title": ae, "host": host}
+    if port is not None:
+        if not port.isdigit():
+            raise ConfigError(f"--peer {text!r}: the port {port!r} is not a number; give {forms}")
+        values["port"] = int(port)
+    try:
+        return Peer.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"--peer {text!r}: {problems}") from None
+
+
+# -- is there a configuration at all? --------------------------------------------------------
+ENV_DATA_DIR = "FEDNODE_NODE__DATA_DIR"
+
+
+def require_config(explicit: Path | None) -> Path | None:
+    """The config file of a command that works on an initialised node, or a clear error.
+
+    A node configured by environment variables alone (containers) has no file: it must at
+    least name its data folder (``FEDNODE_NODE__DATA_DIR``).
+    """
+    path = find_config(explicit)
+    if path is None and not os.environ.get(ENV_DATA_DIR):
+        looked = ", ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
+        raise ConfigError(
+            f"no configuration: looked for {looked} and ${ENV_CONFIG}; fix: run the command in "
+            "the node's folder, pass -c FILE, or create a node with `fednode init`"
+        )
+    return path

@@ -6,6 +6,8 @@ two equal).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 TEMPLATE = """\
 # fednode configuration (TOML).
 #
@@ -150,7 +152,7 @@ format = "text"
 
 PEER_BLOCK = """[[dicom.peers]]
 ae_title = "{ae_title}"
-{host_line}"""
+{host_line}{port_line}"""
 
 
 def render(
@@ -159,13 +161,19 @@ def render(
     data_dir: str = "fednode-data",
     host: str = "0.0.0.0",
     port: int = 11112,
-    peers: list[tuple[str, str | None]] | None = None,
+    peers: Sequence[tuple[str, str | None] | tuple[str, str | None, int | None]] | None = None,
 ) -> str:
-    """The commented config with these values filled in."""
+    """The commented config with these values filled in (peers as ``(ae, host)`` or
+    ``(ae, host, port)``; values already validated)."""
     blocks = []
-    for peer_ae, peer_host in peers or []:
+    for peer in peers or []:
+        peer_ae, peer_host = peer[0], peer[1]
+        peer_port = peer[2] if len(peer) > 2 else None
         host_line = f'host = "{peer_host}"\n' if peer_host else ""
-        blocks.append(PEER_BLOCK.format(ae_title=peer_ae, host_line=host_line))
+        port_line = f"port = {peer_port}\n" if peer_port else ""
+        blocks.append(
+            PEER_BLOCK.format(ae_title=peer_ae, host_line=host_line, port_line=port_line)
+        )
     if not blocks:
         blocks.append('# [[dicom.peers]]\n# ae_title = "PACS"\n# host = "10.0.0.5"\n# port = 104\n')
     return TEMPLATE.format(

@@ -13,10 +13,11 @@ import re
 import time
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-from pynetdicom import AE
+from pynetdicom import AE, evt
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from node.dicom.configure import configure_pynetdicom
@@ -43,6 +44,20 @@ class PeerAddress:
         return cls(m["ae"], m["host"].strip("[]"), int(m["port"]))
 
 
+def _rejection_reason(answers: list[Any]) -> str:
+    """`` (<result>, <source>: <reason>)`` of an A-ASSOCIATE-RJ (PS3.8 9.3.4), if one came."""
+    for primitive in answers:
+        if getattr(primitive, "result", None) in (0x01, 0x02):
+            try:
+                return (
+                    f" ({primitive.result_str}, {primitive.source_str}: "
+                    f"{primitive.reason_str.lower()})"
+                )
+            except (KeyError, TypeError, ValueError):
+                return ""
+    return ""
+
+
 def echo(peer: PeerAddress, *, calling_ae: str, timeout: float = 10.0) -> float:
     """C-ECHO *peer*; return the round trip in seconds or raise :class:`NetworkError`."""
     configure_pynetdicom()
@@ -51,12 +66,22 @@ def echo(peer: PeerAddress, *, calling_ae: str, timeout: float = 10.0) -> float:
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
     started = time.monotonic()
+    answers: list[Any] = []
     assoc = ae.associate(
-        peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=SCU_HANDLERS
+        peer.host,
+        peer.port,
+        ae_title=peer.ae_title,
+        evt_handlers=[
+            *SCU_HANDLERS,
+            (evt.EVT_ACSE_RECV, lambda event: answers.append(event.primitive)),
+        ],
     )
     if not assoc.is_established:
         if assoc.is_rejected:
-            raise NetworkError(f"{peer.ae_title}@{peer.host}:{peer.port} rejected the association")
+            raise NetworkError(
+                f"{peer.ae_title}@{peer.host}:{peer.port} rejected the association from "
+                f"calling AE {calling_ae!r}{_rejection_reason(answers)}"
+            )
         raise NetworkError(f"cannot associate with {peer.ae_title}@{peer.host}:{peer.port}")
     try:
         status = assoc.send_c_echo()
