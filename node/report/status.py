@@ -3,7 +3,9 @@
 The steps, in order: ``received`` (instances in the spool), ``de-identified`` (a de-identified
 copy exists), ``assembled`` (the study is complete), ``inferred`` (a result of the current
 version), ``reported`` (its SR is in the outbox) and ``exported`` (every destination
-acknowledged the SR). ``export failed`` replaces ``reported`` when a delivery is dead-lettered.
+acknowledged the SR). A failure shows where it stopped: ``rejected`` (no instance admitted, or
+de-identification failed), ``inference failed`` (the study's ``infer`` job of the current
+version is dead-lettered) and ``export failed`` (a delivery is dead-lettered).
 Each step's time is the moment it was reached, so the gaps are the steps' durations.
 """
 
@@ -15,8 +17,16 @@ from datetime import datetime
 from sqlalchemy import func, select
 
 from storage.db import Database
-from storage.models import DeidInstance, Instance, Report, ReportExport, Result, Study
-from storage.records import ExportState, ReportState
+from storage.models import (
+    DeidInstance,
+    Instance,
+    JobRow,
+    Report,
+    ReportExport,
+    Result,
+    Study,
+)
+from storage.records import ExportState, InstanceState, JobState, ReportState
 
 STEPS = ("received", "de-identified", "assembled", "inferred", "reported", "exported")
 
@@ -79,6 +89,33 @@ def study_progress(db: Database, *, limit: int = 20) -> list[StudyProgress]:
                 report.exported_at if report.state == ReportState.EXPORTED.value else None,
                 dead > 0,
             )
+        refused = {
+            key
+            for key, n in session.execute(
+                select(Instance.study_key, func.count())
+                .where(
+                    Instance.study_key.in_(keys),
+                    Instance.state.in_(
+                        [InstanceState.REJECTED.value, InstanceState.FAILED.value]
+                    ),
+                )
+                .group_by(Instance.study_key)
+            )
+            if n
+        }
+        infer_dead = set()
+        for key in keys:
+            version = studies[key].version if key in studies else 1
+            dead = session.execute(
+                select(func.count())
+                .select_from(JobRow)
+                .where(
+                    JobRow.state == JobState.DEAD.value,
+                    JobRow.dedupe_key.like(f"infer:%:{key}:v{version}"),
+                )
+            ).scalar_one()
+            if dead:
+                infer_dead.add(key)
     out = []
     for key, first, count in received:
         study = studies.get(key)
@@ -98,5 +135,9 @@ def study_progress(db: Database, *, limit: int = 20) -> list[StudyProgress]:
                 step = name
         if built and built[2] and times["exported"] is None:
             step = "export failed"
+        elif step == "received" and key in refused:
+            step = "rejected"
+        elif step == "assembled" and key in infer_dead:
+            step = "inference failed"
         out.append(StudyProgress(key, version, step, int(count), times))
     return out
