@@ -169,6 +169,24 @@ class Database:
         cfg.attributes["engine"] = self.engine
         return cfg
 
+    def upsert(
+        self,
+        conn: Connection | Session,
+        table: Any,
+        values: Mapping[str, Any],
+        *,
+        key: str,
+        update: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``INSERT … ON CONFLICT (key) DO NOTHING`` (or ``DO UPDATE SET`` *update*) in the
+        transaction of *conn*, in this database's dialect.
+
+        The one place the node writes an insert that depends on the dialect (SQLite and
+        PostgreSQL both spell it ``ON CONFLICT``; SQLAlchemy has it per dialect only).
+        *table* is a mapped class or a table; *key* is the unique column the conflict is on.
+        """
+        conn.execute(_conflict_insert(self, table, values, key, update))
+
     def table_names(self) -> list[str]:
         return inspect(self.engine).get_table_names()
 
@@ -191,13 +209,9 @@ class PreparedInsert:
         self, db: Database, table: FromClause, columns: Sequence[str], conflict: str
     ) -> None:
         dialect = db.engine.dialect
-        stmt = (
-            (postgresql if db.is_postgresql else sqlite)
-            .insert(table)
-            .values({name: bindparam(name) for name in columns})
-            .on_conflict_do_nothing(index_elements=[conflict])
-            .returning(table.c.id)
-        )
+        stmt = _conflict_insert(
+            db, table, {name: bindparam(name) for name in columns}, conflict, None
+        ).returning(table.c.id)
         compiled = stmt.compile(dialect=dialect)
         self.sql = compiled.string
         self._positional = compiled.positional
@@ -248,6 +262,20 @@ class PreparedInsert:
                 f"database {self._dialect} unavailable: {type(exc).__name__}"
             ) from exc
         return None if row is None else int(row[0])
+
+
+def _conflict_insert(
+    db: Database,
+    table: Any,
+    values: Mapping[str, Any],
+    key: str,
+    update: Mapping[str, Any] | None,
+) -> Any:
+    """The dialect's ``INSERT … ON CONFLICT (key) DO NOTHING | DO UPDATE SET update``."""
+    stmt = (postgresql if db.is_postgresql else sqlite).insert(table).values(dict(values))
+    if update:
+        return stmt.on_conflict_do_update(index_elements=[key], set_=dict(update))
+    return stmt.on_conflict_do_nothing(index_elements=[key])
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

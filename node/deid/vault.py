@@ -23,16 +23,15 @@ import io
 import logging
 import os
 from datetime import UTC, datetime
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
+from node.dicom.encoding import EXPLICIT_BE, IMPLICIT_LE
 from node.errors import DeidError
 from node.keys import NodeKeys
 from storage.db import Database
@@ -41,8 +40,6 @@ from storage.models import VaultInstance, VaultStudy
 logger = logging.getLogger(__name__)
 
 NONCE_BYTES = 12
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
 
 
 class VaultError(DeidError):
@@ -72,18 +69,14 @@ def decode(plaintext: bytes) -> Dataset:
     body = plaintext[1 + size :]
     try:
         return read_dataset(
-            io.BytesIO(body), syntax == _IMPLICIT_LE, syntax != _EXPLICIT_BE
+            io.BytesIO(body), syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
         )
     except Exception as exc:  # pydicom raises a variety of errors on bad input
         raise VaultError("a vault record does not hold a readable dataset") from exc
 
 
-def _insert(session: Session) -> Any:
-    bind = session.get_bind()
-    return (postgresql if bind.dialect.name == "postgresql" else sqlite).insert
-
-
 def store(
+    db: Database,
     session: Session,
     keys: NodeKeys,
     *,
@@ -92,26 +85,21 @@ def store(
     study_plaintext: bytes,
     instance_plaintext: bytes,
 ) -> None:
-    """Upsert the study and instance records in *session*'s transaction.
+    """Upsert the study and instance records in *session*'s transaction (a session of *db*).
 
     The study record is replaced by the newest instance's header (a re-sent study with a
     corrected name files results under the correction).
     """
     now = datetime.now(UTC)
-    insert = _insert(session)
     study_ct = seal(keys.vault, study_key, study_plaintext)
-    stmt = insert(VaultStudy).values(study_key=study_key, ciphertext=study_ct, updated_at=now)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["study_key"], set_={"ciphertext": study_ct, "updated_at": now}
-        )
+    db.upsert(
+        session, VaultStudy, {"study_key": study_key, "ciphertext": study_ct, "updated_at": now},
+        key="study_key", update={"ciphertext": study_ct, "updated_at": now},
     )
     inst_ct = seal(keys.vault, sop_key, instance_plaintext)
-    stmt = insert(VaultInstance).values(sop_key=sop_key, study_key=study_key, ciphertext=inst_ct)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["sop_key"], set_={"ciphertext": inst_ct, "study_key": study_key}
-        )
+    db.upsert(
+        session, VaultInstance, {"sop_key": sop_key, "study_key": study_key, "ciphertext": inst_ct},
+        key="sop_key", update={"ciphertext": inst_ct, "study_key": study_key},
     )
 
 

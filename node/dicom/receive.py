@@ -45,8 +45,9 @@ from typing import Any
 
 from node.audit import audit
 from node.deid.pseudonyms import uid_pseudonym
-from node.dicom.inspect import DatasetHeader, MalformedDataset, inspect_dataset
+from node.dicom.inspect import DatasetHeader, inspect_dataset
 from node.dicom.status import Status
+from node.errors import MalformedDataset
 from node.jobs import DeidentifyPayload, deidentify_dedupe_key, enqueue
 from storage.audit import AuditKind
 from storage.db import Database, PreparedInsert

@@ -31,14 +31,12 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from node.config import Settings
 from node.deid import vault
-from node.deid.encoding import MalformedDataset
 from node.deid.engine import Deidentifier, DeidResult
-from node.errors import RejectedInstance
+from node.errors import MalformedDataset, RejectedInstance
 from node.jobs import DeidentifyPayload, JobContext, JobKind, PermanentJobError, periodic, register
 from node.keys import NodeKeys
 from node.logs import short_key
@@ -70,10 +68,6 @@ def engine_for(settings: Settings, keys: NodeKeys) -> Deidentifier:
             _engines.clear()
         _engines[id(settings)] = (settings, keys.site, engine)
         return engine
-
-
-def _insert(ctx: JobContext) -> Any:
-    return (postgresql if ctx.db.is_postgresql else sqlite).insert
 
 
 def _set_state(ctx: JobContext, instance_id: int, state: InstanceState, **values: Any) -> None:
@@ -168,19 +162,20 @@ def _record(
     digest: str,
 ) -> None:
     now = datetime.now(UTC)
-    insert = _insert(ctx)
-    s.execute(
-        insert(Study)
-        .values(
-            study_key=study_key,
-            patient_key=result.patient_key,
-            accession_key=result.accession_key,
-            state=StudyState.RECEIVING.value,
-            version=1,
-            first_received_at=now,
-            last_received_at=now,
-        )
-        .on_conflict_do_nothing(index_elements=["study_key"])
+    db = ctx.db
+    db.upsert(
+        s,
+        Study,
+        {
+            "study_key": study_key,
+            "patient_key": result.patient_key,
+            "accession_key": result.accession_key,
+            "state": StudyState.RECEIVING.value,
+            "version": 1,
+            "first_received_at": now,
+            "last_received_at": now,
+        },
+        key="study_key",
     )
     study = s.execute(
         select(Study).where(Study.study_key == study_key).with_for_update()
@@ -197,16 +192,17 @@ def _record(
     if study.accession_key is None and result.accession_key is not None:
         study.accession_key = result.accession_key
 
-    s.execute(
-        insert(Series)
-        .values(
-            series_key=series_key,
-            study_key=study_key,
-            modality=(result.modality or None) and result.modality[:16],
-            body_part=(result.body_part or None) and result.body_part[:64],
-            view_position=(result.view_position or None) and result.view_position[:16],
-        )
-        .on_conflict_do_nothing(index_elements=["series_key"])
+    db.upsert(
+        s,
+        Series,
+        {
+            "series_key": series_key,
+            "study_key": study_key,
+            "modality": (result.modality or None) and result.modality[:16],
+            "body_part": (result.body_part or None) and result.body_part[:64],
+            "view_position": (result.view_position or None) and result.view_position[:16],
+        },
+        key="series_key",
     )
     series = s.get(Series, series_key)
     if series is not None:
@@ -214,23 +210,23 @@ def _record(
         series.body_part = series.body_part or (result.body_part or "")[:64] or None
         series.view_position = series.view_position or (result.view_position or "")[:16] or None
 
-    s.execute(
-        insert(DeidInstance)
-        .values(
-            sop_key=result.sop_key,
-            study_key=study_key,
-            series_key=series_key,
-            sop_class_uid=result.sop_class_uid,
-            blob_digest=digest,
-            size_bytes=len(result.data),
-            created_at=now,
-        )
-        .on_conflict_do_update(
-            index_elements=["sop_key"],
-            set_={"blob_digest": digest, "size_bytes": len(result.data)},
-        )
+    db.upsert(
+        s,
+        DeidInstance,
+        {
+            "sop_key": result.sop_key,
+            "study_key": study_key,
+            "series_key": series_key,
+            "sop_class_uid": result.sop_class_uid,
+            "blob_digest": digest,
+            "size_bytes": len(result.data),
+            "created_at": now,
+        },
+        key="sop_key",
+        update={"blob_digest": digest, "size_bytes": len(result.data)},
     )
     vault.store(
+        db,
         s,
         ctx.keys,
         study_key=study_key,
