@@ -280,8 +280,21 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
     dead = ctx.queue.list(state=JobState.DEAD, limit=10)
     spool = ctx.spool.stats()
     lanes = lane_depths(ctx.settings.workers, counts)
+    from node.report.status import STEPS, study_progress
+
+    studies = study_progress(ctx.db)
     if as_json:
         out = {
+            "studies": [
+                {
+                    "study_key": p.study_key,
+                    "version": p.version,
+                    "step": p.step,
+                    "instances": p.instances,
+                    "times": {k: v.isoformat() if v else None for k, v in p.times.items()},
+                }
+                for p in studies
+            ],
             "instances": instances,
             "jobs": [
                 {"kind": k, "state": st.value, "count": n} for (k, st), n in sorted(counts.items())
@@ -325,6 +338,19 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False) -> None:
         f"spool: {spool.count} item(s), {_size(spool.total_bytes)}, "
         f"oldest {_age(spool.oldest_written_at)}"
     )
+    if studies:
+        st_table = Table(title="studies (newest 20, by pseudonym; seconds since received)")
+        for col in ("study", "v", "images", "step", *STEPS[1:]):
+            st_table.add_column(col)
+        for p in studies:
+            start = p.times["received"]
+            marks = [
+                "-" if start is None or p.times[name] is None
+                else f"{(p.times[name] - start).total_seconds():.1f}"  # type: ignore[operator]
+                for name in STEPS[1:]
+            ]
+            st_table.add_row(p.study_key, str(p.version), str(p.instances), p.step, *marks)
+        console.print(st_table)
     if dead:
         dt = Table(title="dead letters (newest 10)")
         for col in ("id", "kind", "attempts", "last error"):
@@ -609,10 +635,16 @@ def secret_fingerprint(
 # Commands that live with their area (de-identification, tasks) register themselves here.
 def _register_extensions() -> None:
     from node.deid.commands import register as register_deid
+    from node.federated.commands import register as register_federation
+    from node.inference.commands import register as register_inference
+    from node.report.commands import register as register_exports
     from node.tasks.commands import register as register_tasks
 
     register_deid(app)
     register_tasks(app)
+    register_exports(app)
+    register_inference(app)
+    register_federation(app)
 
 
 _register_extensions()

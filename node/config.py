@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -89,6 +96,25 @@ class DicomSection(_Section):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for in-flight associations"
     )
+    first_pdu_timeout: float = Field(
+        10.0, gt=0,
+        description="seconds a new connection has to send its A-ASSOCIATE-RQ (PS3.8 ARTIM)",
+    )
+    pdu_timeout: float = Field(
+        30.0, gt=0, description="seconds one PDU may take from its first byte to its last"
+    )
+    max_pending_connections: int = Field(
+        0, ge=0, le=1024,
+        description="connections not yet associated, over all processes; the oldest is "
+        "closed beyond it (0 = half of max_associations)",
+    )
+    max_instance_mb: int = Field(
+        1024, ge=1, description="largest instance received, MiB (larger: refused, 0xA700)"
+    )
+    max_inflated_mb: int = Field(
+        256, ge=1,
+        description="largest size a deflated instance may inflate to, MiB (larger: refused)",
+    )
     peers: list[Peer] = Field(
         default_factory=list, description="[[dicom.peers]] entries allowed to associate"
     )
@@ -99,6 +125,19 @@ class DicomSection(_Section):
         if value and value < 4096:
             raise ValueError("max_pdu is 0 (unlimited) or at least 4096")
         return value
+
+    @model_validator(mode="after")
+    def _pending(self) -> DicomSection:
+        if self.max_pending_connections > self.max_associations:
+            raise ValueError(
+                "max_pending_connections must not exceed max_associations (0 = automatic)"
+            )
+        return self
+
+    @property
+    def pending_connections(self) -> int:
+        """The cap on connections that have not associated yet, over all processes."""
+        return self.max_pending_connections or max(1, self.max_associations // 2)
 
 
 class DatabaseSection(_Section):
@@ -198,6 +237,13 @@ class WorkersSection(_Section):
     backoff_seconds: float = Field(10.0, ge=0, description="first retry delay (doubles each try)")
     backoff_max_seconds: float = Field(3600.0, ge=0, description="longest retry delay")
     poll_seconds: float = Field(0.5, gt=0, description="idle wait between queue polls")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority of worker processes (nice, 0-19): the SCP's association "
+        "threads go first on a busy CPU; 0 = same as the SCP",
+    )
 
     @field_validator("lanes")
     @classmethod
@@ -276,6 +322,72 @@ class TasksSection(_Section):
                 raise ValueError(f"{ref!r} is listed twice")
             seen.add(ref)
         return value
+
+
+_DEST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class ExportDestination(_Section):
+    """A DICOM Storage SCP (the PACS) that receives the node's Structured Reports.
+
+    Give either ``ae_title``, ``host`` and ``port``, or ``peer``: the AE title of a
+    ``[[dicom.peers]]`` entry whose ``host`` and ``port`` are used.
+    """
+
+    name: str | None = Field(
+        None, description="a short name for listings (a-z 0-9 _ -; default: the AE title)"
+    )
+    ae_title: str | None = Field(None, description="the destination's called AE title")
+    host: str | None = Field(None, description="the destination's IP address or host name")
+    port: int | None = Field(None, ge=1, le=65535, description="the destination's DICOM port")
+    peer: str | None = Field(
+        None, description="use the host and port of the [[dicom.peers]] entry with this AE title"
+    )
+    calling_ae: str | None = Field(
+        None, description="calling AE title towards this destination (default: node.ae_title)"
+    )
+
+    @field_validator("ae_title", "peer", "calling_ae")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _DEST_NAME_RE.match(value):
+            raise ValueError("a destination name is 1-32 characters of a-z, 0-9, '_' and '-'")
+        return value
+
+
+class ExportSection(_Section):
+    """Structured Reports back to the PACS: format, destinations, retries, outbox retention."""
+
+    sr_format: Literal["comprehensive-3d", "enhanced"] = Field(
+        "comprehensive-3d",
+        description="SR storage class: 'comprehensive-3d' (default) or 'enhanced'",
+    )
+    destinations: list[ExportDestination] = Field(
+        default_factory=list,
+        description="[[export.destinations]]: where reports are sent (none = kept in the outbox)",
+    )
+    max_attempts: int = Field(
+        12,
+        ge=1,
+        description=(
+            "C-STORE attempts per destination before the export is dead-lettered (retry delays "
+            "follow [workers] backoff_seconds, doubling, capped at backoff_max_seconds)"
+        ),
+    )
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="association and DIMSE timeout towards a destination, seconds"
+    )
+    retention_hours: float = Field(
+        72.0, ge=0, description="hours an acknowledged SR stays in the encrypted outbox"
+    )
+    sweep_seconds: float = Field(
+        2.0, gt=0, description="how often a worker looks for new results to report"
+    )
 
 
 _PRIVATE_TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),\s*[xX]{2}([0-9A-Fa-f]{2})\)?$")
@@ -429,11 +541,69 @@ class DeidSection(_Section):
         return [m.strip().upper() for m in value if m.strip()]
 
 
+class InferenceSection(_Section):
+    """Encrypted inference: the model owner's service this node sends ciphertexts to."""
+
+    server: str | None = Field(
+        default=None,
+        description='URL of the inference service, e.g. "https://models.example.org:8443"',
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="file holding this node's token for the service (mode 0600; "
+        "issued by the service's administrator)",
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify the service's TLS certificate"
+    )
+    timeout_seconds: float = Field(
+        default=120.0, gt=0, description="longest wait for one service request"
+    )
+    key_rotation_days: float = Field(
+        default=30.0, gt=0, description="a new CKKS key per task after this many days"
+    )
+
+    @field_validator("server")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="one of DEBUG, INFO, WARNING, ERROR"
     )
     format: Literal["text", "json"] = Field("text", description="text or json")
+
+
+class FederationSection(_Section):
+    """How the node takes part in a Flower federation (``fednode federation ...``).
+
+    Where the federation is (SuperLink address, CA certificate, site name) is recorded by
+    ``fednode federation enroll`` under ``<data_dir>/federation/``; this section holds the
+    operator's choices for running the SuperNode.
+    """
+
+    runtime_port: int = Field(
+        9094, ge=1, le=65535, description="loopback port of the SuperNode's Runtime API"
+    )
+    local_dp_noise_multiplier: float = Field(
+        0.0,
+        ge=0.0,
+        description="local DP: Gaussian noise (times the clipping norm) added to each update "
+        "on the node before it leaves (0 = off)",
+    )
+    restart_delay_seconds: float = Field(
+        2.0, gt=0, description="first delay before restarting a failed SuperNode (doubles)"
+    )
+    restart_delay_max_seconds: float = Field(
+        60.0, gt=0, description="longest delay between SuperNode restarts"
+    )
+    max_wait_seconds: float | None = Field(
+        None, gt=0, description="SuperNode: give up connecting to the SuperLink after this long"
+    )
 
 
 class Settings(BaseSettings):
@@ -454,6 +624,9 @@ class Settings(BaseSettings):
     logging: LoggingSection = LoggingSection()
     deid: DeidSection = DeidSection()
     tasks: TasksSection = TasksSection()
+    export: ExportSection = ExportSection()
+    inference: InferenceSection = InferenceSection()
+    federation: FederationSection = FederationSection()
 
     source_file: Path | None = Field(None, exclude=True)
 
@@ -488,6 +661,10 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.node.data_dir / "blobs"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.node.data_dir / "outbox"
 
     @property
     def models_dir(self) -> Path:

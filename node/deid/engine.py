@@ -1,7 +1,7 @@
 """The de-identification engine: DICOM PS3.15 Annex E applied to encoded bytes.
 
 The engine never builds a pydicom dataset on its hot path. It walks the encoded dataset
-(:mod:`node.deid.encoding`: PS3.5 Section 7 tag, VR, length; sequences item by item, defined or
+(:mod:`node.dicom.encoding`: PS3.5 Section 7 tag, VR, length; sequences item by item, defined or
 undefined length, UN-encoded sequences as Implicit VR Little Endian), decides per element by
 tag and VR, and
 writes the output from slices of the input: an element that is kept is copied as encoded, never
@@ -61,7 +61,17 @@ from node import __version__
 from node.config import DeidSection
 from node.deid import pixels
 from node.deid.dates import offset_days, shift_values
-from node.deid.encoding import (
+from node.deid.profile import (
+    BASIC_PROFILE_CODE,
+    OPTION_CODES,
+    Action,
+    Code,
+    Option,
+    Profile,
+    build_profile,
+)
+from node.deid.pseudonyms import token, uid_pseudonym
+from node.dicom.encoding import (
     DEFLATED_LE,
     EXPLICIT_BE,
     EXPLICIT_LE,
@@ -76,16 +86,6 @@ from node.deid.encoding import (
     split_part10,
     wrap,
 )
-from node.deid.profile import (
-    BASIC_PROFILE_CODE,
-    OPTION_CODES,
-    Action,
-    Code,
-    Option,
-    Profile,
-    build_profile,
-)
-from node.deid.pseudonyms import token, uid_pseudonym
 from node.errors import RejectedInstance
 
 logger = logging.getLogger(__name__)

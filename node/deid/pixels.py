@@ -25,7 +25,7 @@ from node.config import DeidSection, PixelRule
 from node.errors import RejectedInstance
 
 if TYPE_CHECKING:
-    from node.deid.encoding import Element
+    from node.dicom.encoding import Element
 
 logger = logging.getLogger(__name__)
 
