@@ -257,3 +257,46 @@ class NodeMeta(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Report(Base):
+    """A Structured Report built from one result; the SR itself is encrypted in the outbox.
+
+    Nothing here is PHI: the SR's UIDs are derived from the node's keys and are not stored.
+    ``outbox_name`` is cleared once the outbox file is deleted (after the retention period).
+    """
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), unique=True)
+    study_key: Mapped[str] = mapped_column(String(64), index=True)
+    task: Mapped[str] = mapped_column(String(64))
+    study_version: Mapped[int] = mapped_column(Integer)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    outbox_name: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    exported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ReportExport(Base):
+    """The delivery of one report to one destination (one ``export`` job)."""
+
+    __tablename__ = "report_exports"
+    __table_args__ = (
+        UniqueConstraint("report_id", "destination", name="uq_report_exports_destination"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -56,3 +56,26 @@ def test_the_scu_entry_point_applies_the_set_up() -> None:
         """
     )
     assert out == "False none"
+
+
+def test_dialect_specific_sql_only_in_storage() -> None:
+    # import-linter cannot forbid a subpackage of an external package: read the sources.
+    offenders = [
+        str(path.relative_to(ROOT))
+        for folder in ("node", "plugins")
+        for path in (ROOT / folder).rglob("*.py")
+        if "sqlalchemy.dialects" in path.read_text(encoding="utf-8")
+    ]
+    assert offenders == []
+
+
+def test_one_walker_of_encoded_dicom() -> None:
+    # The receive check and the de-identifier share node.dicom.encoding's walker.
+    import node.deid.engine as engine
+    import node.dicom.encoding as encoding
+    import node.dicom.inspect as inspect
+    from node.errors import MalformedDataset
+
+    assert engine.parse is encoding.parse and inspect.check is encoding.check
+    assert engine.MalformedDataset is encoding.MalformedDataset is MalformedDataset
+    assert not (ROOT / "node" / "deid" / "encoding.py").exists()
