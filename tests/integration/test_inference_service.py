@@ -42,6 +42,7 @@ class Setup:
     state: Path
     db: Database
     keys: NodeKeys
+    clients: list[ServiceClient]
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +56,16 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     db.upgrade()
     keys = NodeKeys.from_master(b"\x07" * 32)
     with RunningService(artifact, state, extra=("--max-body-mb", str(MAX_BODY_MB))) as service:
-        yield Setup(plugin, artifact, service, token, state, db, keys)
+        clients: list[ServiceClient] = []
+        yield Setup(plugin, artifact, service, token, state, db, keys, clients)
+        for client in clients:
+            client.close()
     db.dispose()
 
 
 def predictor(s: Setup, *, token: str | None = None, transport=None) -> EncryptedPredictor:  # type: ignore[no-untyped-def]
     client = ServiceClient(s.service.url, token or s.token, transport=transport)
+    s.clients.append(client)
     return EncryptedPredictor(client, KeyStore(s.db, s.keys.he, timedelta(days=30)))
 
 
@@ -228,4 +233,5 @@ def test_no_pixel_and_no_decrypted_value_crosses_the_wire(
             assert not ts.context_from(parts[0]).is_private()  # no secret key registered
     # the requests happened before decryption: nothing was sent after the reply came back
     assert len(recording.requests) == 4
+    client.close()
     db.dispose()
