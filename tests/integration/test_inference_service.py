@@ -42,7 +42,6 @@ class Setup:
     state: Path
     db: Database
     keys: NodeKeys
-    clients: list[ServiceClient]
 
 
 @pytest.fixture(scope="module")
@@ -56,16 +55,24 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     db.upgrade()
     keys = NodeKeys.from_master(b"\x07" * 32)
     with RunningService(artifact, state, extra=("--max-body-mb", str(MAX_BODY_MB))) as service:
-        clients: list[ServiceClient] = []
-        yield Setup(plugin, artifact, service, token, state, db, keys, clients)
-        for client in clients:
-            client.close()
+        yield Setup(plugin, artifact, service, token, state, db, keys)
     db.dispose()
+
+
+_clients: list[ServiceClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every service client a test opened is closed after it (its sockets included)."""
+    yield
+    while _clients:
+        _clients.pop().close()
 
 
 def predictor(s: Setup, *, token: str | None = None, transport=None) -> EncryptedPredictor:  # type: ignore[no-untyped-def]
     client = ServiceClient(s.service.url, token or s.token, transport=transport)
-    s.clients.append(client)
+    _clients.append(client)
     return EncryptedPredictor(client, KeyStore(s.db, s.keys.he, timedelta(days=30)))
 
 
@@ -197,6 +204,7 @@ def test_no_pixel_and_no_decrypted_value_crosses_the_wire(
     db.upgrade()
     recording = Recording()
     client = ServiceClient(setup.service.url, setup.token, transport=recording)
+    _clients.append(client)
     pred = EncryptedPredictor(client, KeyStore(db, setup.keys.he, timedelta(days=30)))
     inputs, _ = synthetic_inputs(setup.plugin, 2, seed=99)
     results = pred.predict(setup.plugin, list(inputs))
@@ -233,5 +241,4 @@ def test_no_pixel_and_no_decrypted_value_crosses_the_wire(
             assert not ts.context_from(parts[0]).is_private()  # no secret key registered
     # the requests happened before decryption: nothing was sent after the reply came back
     assert len(recording.requests) == 4
-    client.close()
     db.dispose()
