@@ -166,6 +166,7 @@ def build_for_result(
         study_key, task, version = result.study_key, result.task, result.study_version
         probability, superseded = result.probability, result.superseded
         model_id, model_version = result.model_id, result.model_version
+        key_id = result.key_id
         previous = session.execute(
             select(Report.study_version, Report.sop_class_uid)
             .where(
@@ -202,7 +203,6 @@ def build_for_result(
     decided = plugin.decide(probability)
     threshold = plugin.positive_class.threshold
     assert threshold is not None
-    he = plugin.he_encoding
     finding = ReportFinding(
         task=plugin.name,
         task_version=plugin.version,
@@ -212,11 +212,8 @@ def build_for_result(
         threshold=threshold,
         model_id=model_id or "unknown",
         model_version=model_version,
-        encryption=he.scheme,
-        encryption_parameters=(
-            f"TenSEAL, poly_modulus_degree={he.poly_modulus_degree}, "
-            f"scale=2^{he.global_scale_bits}"
-        ),
+        encryption=plugin.he_encoding.scheme,
+        encryption_parameters="TenSEAL" + (f", node key {key_id}" if key_id else ""),
     )
     site = ctx.keys.site
     series_uid = sr_series_uid(site, study_key, task)

@@ -33,6 +33,7 @@ import copy
 import hashlib
 import hmac
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -207,6 +208,12 @@ def _library_entry(image: Dataset) -> Dataset | None:
     return entry
 
 
+def _quiet_highdicom() -> None:
+    """Silence highdicom's logger: it logs the evidence's SOP Instance UIDs (here: original,
+    identifying UIDs) at INFO level. Problems still surface as exceptions."""
+    logging.getLogger("highdicom").setLevel(logging.CRITICAL + 1)
+
+
 def _concept(concept: CodedConcept) -> HdCodedConcept:
     from highdicom.sr import CodedConcept as HdConcept
 
@@ -265,6 +272,7 @@ def build_report(
     )
     from pydicom.sr.codedict import codes as dcm_codes
 
+    _quiet_highdicom()
     if not images:
         raise ReportError("a report needs at least one evidence image")
     sr_class: Any
