@@ -15,7 +15,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -89,6 +96,25 @@ class DicomSection(_Section):
     shutdown_grace_seconds: float = Field(
         30.0, ge=0, description="seconds SIGTERM waits for in-flight associations"
     )
+    first_pdu_timeout: float = Field(
+        10.0, gt=0,
+        description="seconds a new connection has to send its A-ASSOCIATE-RQ (PS3.8 ARTIM)",
+    )
+    pdu_timeout: float = Field(
+        30.0, gt=0, description="seconds one PDU may take from its first byte to its last"
+    )
+    max_pending_connections: int = Field(
+        0, ge=0, le=1024,
+        description="connections not yet associated, over all processes; the oldest is "
+        "closed beyond it (0 = half of max_associations)",
+    )
+    max_instance_mb: int = Field(
+        1024, ge=1, description="largest instance received, MiB (larger: refused, 0xA700)"
+    )
+    max_inflated_mb: int = Field(
+        256, ge=1,
+        description="largest size a deflated instance may inflate to, MiB (larger: refused)",
+    )
     peers: list[Peer] = Field(
         default_factory=list, description="[[dicom.peers]] entries allowed to associate"
     )
@@ -99,6 +125,19 @@ class DicomSection(_Section):
         if value and value < 4096:
             raise ValueError("max_pdu is 0 (unlimited) or at least 4096")
         return value
+
+    @model_validator(mode="after")
+    def _pending(self) -> DicomSection:
+        if self.max_pending_connections > self.max_associations:
+            raise ValueError(
+                "max_pending_connections must not exceed max_associations (0 = automatic)"
+            )
+        return self
+
+    @property
+    def pending_connections(self) -> int:
+        """The cap on connections that have not associated yet, over all processes."""
+        return self.max_pending_connections or max(1, self.max_associations // 2)
 
 
 class DatabaseSection(_Section):
@@ -198,6 +237,13 @@ class WorkersSection(_Section):
     backoff_seconds: float = Field(10.0, ge=0, description="first retry delay (doubles each try)")
     backoff_max_seconds: float = Field(3600.0, ge=0, description="longest retry delay")
     poll_seconds: float = Field(0.5, gt=0, description="idle wait between queue polls")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority of worker processes (nice, 0-19): the SCP's association "
+        "threads go first on a busy CPU; 0 = same as the SCP",
+    )
 
     @field_validator("lanes")
     @classmethod

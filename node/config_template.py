@@ -42,6 +42,16 @@ processes = 0
 free_space_floor_mb = 1024
 # On SIGTERM, seconds to let in-flight associations and jobs finish.
 shutdown_grace_seconds = 30
+# Peers are not trusted before they associate: a new connection has first_pdu_timeout s to
+# send its A-ASSOCIATE-RQ, every PDU must arrive within pdu_timeout s of its first byte, and
+# at most max_pending_connections connections may wait unassociated (0 = half of
+# max_associations; beyond it the oldest is closed).
+first_pdu_timeout = 10
+pdu_timeout = 30
+max_pending_connections = 0
+# Largest instance received, and largest a deflated one may inflate to, MiB (beyond: 0xA700).
+max_instance_mb = 1024
+max_inflated_mb = 256
 
 # Peers allowed to associate (default-deny). One [[dicom.peers]] block per calling AE title;
 # `host` pins it to an IP address or host name; `port` is the peer's own SCP port (used to send
@@ -60,6 +70,10 @@ backoff_seconds = 10
 backoff_max_seconds = 3600
 # Seconds a worker holds a job before another may take it over (extended while it runs).
 lease_seconds = 300
+# CPU priority of the worker processes (nice 0-19): on a busy CPU the DICOM receiver goes
+# first, so a burst from the PACS is answered at full speed while de-identification catches
+# up. 0 = same priority as the receiver.
+nice = 10
 
 # Lanes: each lane's worker processes serve only its job kinds, so a slow kind (an encrypted
 # inference round trip, a PACS that is slow to accept a report) never holds up

@@ -21,6 +21,9 @@ service's administrator issues with ``fednode inference-server token issue NODE`
 SHA-256 is stored (tokens are 256-bit random, so a fast hash is enough). Request bodies are
 limited in size (413) and evaluation requests in rate per node (429 with ``Retry-After``);
 malformed input gets a 400/422 naming the problem. No ciphertext, key or value is logged.
+
+This module imports FastAPI at the top (handlers' annotations are resolved against its
+globals); only the service's own entry points import it.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from fastapi import Request, Response
 
 from node.errors import NodeError
 from node.inference import wire
@@ -281,7 +286,7 @@ class ServiceState:
 
 def create_app(model: ServedModel, state_dir: Path, limits: Limits | None = None) -> FastAPI:
     """The service's FastAPI application."""
-    from fastapi import FastAPI, HTTPException, Request, Response
+    from fastapi import FastAPI, HTTPException
     from fastapi.responses import JSONResponse
     from starlette.concurrency import run_in_threadpool
 

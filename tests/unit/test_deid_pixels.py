@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pydicom
@@ -140,7 +141,7 @@ def _testfile(name: str, bia: str | None = None) -> bytes:
         buf = io.BytesIO()
         ds.save_as(buf)
         return buf.getvalue()
-    return open(path, "rb").read()
+    return Path(path).read_bytes()
 
 
 @pytest.mark.parametrize(
