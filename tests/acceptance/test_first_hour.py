@@ -385,3 +385,13 @@ def test_messages_keep_their_brackets(text: str) -> None:
     console = Console(record=True, width=200)
     console.print(f"[green]ok[/] {plain(text)}")
     assert text in console.export_text()
+
+
+def test_a_peer_host_with_a_port_in_the_file_is_refused(tmp_path: Path) -> None:
+    config = init(tmp_path)
+    text = config.read_text().replace(
+        "[database]", '[[dicom.peers]]\nae_title = "PACS"\nhost = "10.0.0.5:104"\n\n[database]'
+    )
+    config.write_text(text)
+    err = one_line_error(fednode("config", "check", "-c", str(config), cwd=tmp_path), 3)
+    assert "dicom.peers.0.host" in err and "port = 104" in err
