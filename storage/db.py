@@ -210,6 +210,33 @@ class Database:
         """
         conn.execute(_conflict_insert(self, table, values, key, update))
 
+    def upsert_many(
+        self,
+        conn: Connection | Session,
+        table: Any,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        key: str,
+        update_from_row: Sequence[str] = (),
+        update: Mapping[str, Any] | None = None,
+    ) -> None:
+        """:meth:`upsert` of several *rows* in one ``executemany``.
+
+        On a conflict on *key* nothing happens, unless *update_from_row* names columns that
+        take the value of the row that was to be inserted (``excluded.<column>``) and/or
+        *update* gives columns fixed values.
+        """
+        if not rows:
+            return
+        stmt = (postgresql if self.is_postgresql else sqlite).insert(table)
+        set_ = {column: stmt.excluded[column] for column in update_from_row}
+        set_.update(update or {})
+        if set_:
+            stmt = stmt.on_conflict_do_update(index_elements=[key], set_=set_)
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=[key])
+        conn.execute(stmt, [dict(row) for row in rows])
+
     def table_names(self) -> list[str]:
         return inspect(self.engine).get_table_names()
 
