@@ -67,6 +67,7 @@ from node.report.builder import (
 from node.report.codes import SR_FORMATS
 from node.tasks.studies import StudyDataError, instances_of, read_header, safe_accepts
 from plugins.base import TaskPlugin
+from storage.audit import AuditKind, record
 from storage.errors import StorageError
 from storage.models import JobRow, Report, ReportExport, Result, Study
 from storage.records import ExportState, Job, ReportState
@@ -278,6 +279,11 @@ def build_for_result(
                 .values(state=ReportState.SUPERSEDED.value)
             )
             queue_exports(ctx, session, report_id, names)
+            record(
+                session, AuditKind.REPORT_CREATED, actor=settings.node.ae_title,
+                report_id=report_id, study_key=study_key, task=task, study_version=version,
+                destinations=names,
+            )
     except SqlIntegrityError:
         # Another worker recorded the report first (same result): its row stands.
         with ctx.db.session() as session:

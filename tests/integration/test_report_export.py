@@ -30,7 +30,7 @@ from node.pipeline.report import REPORT_KIND, report_sweep, sr_instance_uid
 from node.report.status import study_progress
 from node.tasks import load_tasks
 from node.worker import Worker
-from storage.models import DeidInstance, Report, ReportExport, Result, Series, Study
+from storage.models import AuditEvent, DeidInstance, Report, ReportExport, Result, Series, Study
 from storage.records import ExportState, JobState, ReportState
 from tests.support.node import free_port
 from tests.support.reports import StoreSCP, dciodvfy_errors
@@ -150,6 +150,12 @@ def test_report_goes_back_under_the_original_patient_and_study(tmp_path: Path) -
     assert report.state == ReportState.EXPORTED and report.exported_at is not None
     assert delivery.state == ExportState.SENT and delivery.attempts == 1
     assert delivery.last_status == 0
+
+    with ctx.db.session() as s:
+        events = {e.event: e for e in s.execute(select(AuditEvent)).scalars()}
+    assert events["report-created"].detail["study_key"] == study_key
+    assert events["report-exported"].detail["destination"] == "pacs"
+    assert str(original.PatientID) not in str([e.detail for e in events.values()])
 
     progress = {p.study_key: p for p in study_progress(ctx.db)}
     assert progress[study_key].step == "exported"
