@@ -63,6 +63,7 @@ from node.report.builder import (
     encode_report,
     evidence_image,
     report_uid,
+    warm_up,
 )
 from node.report.codes import SR_FORMATS
 from node.tasks.studies import StudyDataError, instances_of, read_header, safe_accepts
@@ -419,7 +420,9 @@ def report_periodic(ctx: JobContext) -> None:
     """The worker's periodic hook: :func:`report_sweep` at most every ``sweep_seconds``."""
     now = time.monotonic()
     last = _last_sweep.get(id(ctx))
-    if last is not None and now - last < ctx.settings.export.sweep_seconds:
+    if last is None:
+        warm_up()  # the first SR of this process would otherwise load highdicom's tables
+    elif now - last < ctx.settings.export.sweep_seconds:
         return
     _last_sweep[id(ctx)] = now
     report_sweep(ctx)
