@@ -149,7 +149,7 @@ def test_two_enrolled_nodes_train_two_rounds_through_the_superlink(deployment) -
     assert summary["completed_rounds"] == 2
     from node.tasks.training import load_artifact
 
-    model, meta = load_artifact(Path(summary["artifact"]), resolve_task("chest_xray"))
+    _model, meta = load_artifact(Path(summary["artifact"]), resolve_task("chest_xray"))
     assert meta["source"] == "federated" and meta["federation"]["completed_rounds"] == 2
     for nd in deployment["nodes"]:
         status = json.loads(nd.cli("federation", "status", "--json").stdout)
