@@ -70,6 +70,18 @@ class DeidError(NodeError):
     exit_code = ExitCode.DEID
 
 
+class MalformedDataset(DeidError):
+    """The dataset's encoding is invalid (the message names offsets and tags, never values).
+
+    Raised by the one walker of encoded DICOM (:mod:`node.dicom.encoding`): the SCP answers it
+    with 0xC000 before acknowledging, the de-identifier with a repair attempt or a dead letter.
+    """
+
+
+class InstanceTooLarge(MalformedDataset):
+    """The instance exceeds the node's maximum instance size ([dicom] max_instance_mb)."""
+
+
 class RejectedInstance(DeidError):
     """The instance is not admitted (for example: possible burned-in text and no pixel rule)."""
 

@@ -1,7 +1,10 @@
 """The job loop of one worker process: lease, dispatch by kind, retry with backoff, heartbeat,
 dead-letter, graceful SIGTERM.
 
-A handler that returns completes its job. :class:`~node.pipeline.PermanentJobError`
+A worker serves the job kinds of one lane (``[workers.lanes.<name>]``): it leases only those
+kinds and runs only the periodic sweeps that belong to them (:mod:`node.jobs`).
+
+A handler that returns completes its job. :class:`~node.jobs.PermanentJobError`
 dead-letters at once; any other exception is retried after ``backoff_seconds * 2**(attempt-1)``
 (capped at ``backoff_max_seconds``, with ±20 % jitter so that failing jobs do not retry in
 lock-step) until ``max_attempts``, then dead-lettered with the last error. While a handler runs
@@ -17,16 +20,19 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from node.config import WorkersSection
-from node.pipeline import PERIODIC, Handler, JobContext, PermanentJobError
+from node.jobs import PERIODIC, Handler, JobContext, PermanentJobError
 from node.stopflag import StopFlag
 from storage.audit import AuditKind
 from storage.errors import StorageError
 from storage.records import Job, JobState
 
 logger = logging.getLogger(__name__)
+
+JobFunction = Callable[[Job, JobContext], None]
+"""What the worker calls for a leased job (a registered :class:`node.jobs.Handler` is one)."""
 
 
 def backoff_delay(attempt: int, base: float, cap: float, *, jitter: float = 0.2) -> float:
@@ -36,21 +42,39 @@ def backoff_delay(attempt: int, base: float, cap: float, *, jitter: float = 0.2)
 
 
 class Worker:
-    """Leases and runs jobs of the registered kinds until :attr:`stop` is set."""
+    """Leases and runs jobs of its lane's kinds until :attr:`stop` is set.
+
+    Parameters
+    ----------
+    ctx : JobContext
+        The process's database, queue, keys and stores.
+    handlers : mapping of str to callable
+        ``handler(job, ctx)`` by job kind: the registered handlers
+        (:func:`node.jobs.load_handlers`, which parse the payload) or plain functions.
+    kinds : iterable of str, optional
+        The kinds this worker serves (its lane's); default: every kind in *handlers*, and every
+        sweep. Kinds without a handler are not leased (their jobs wait for a node that has one).
+    """
 
     def __init__(
         self,
         ctx: JobContext,
-        handlers: Mapping[str, Handler],
+        handlers: Mapping[str, JobFunction],
         *,
+        kinds: Iterable[str] | None = None,
         name: str | None = None,
         periodic: bool = True,
     ) -> None:
         self.ctx = ctx
-        self.handlers = dict(handlers)
+        self.kinds = None if kinds is None else frozenset(str(k) for k in kinds)
+        self.handlers = {
+            str(k): h for k, h in handlers.items() if self.kinds is None or k in self.kinds
+        }
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.stop = StopFlag()
         self.current: Job | None = None
+        self.held: list[Job] = []
+        """Every job of the batch in hand that has no outcome yet."""
         self._periodic_due: dict[str, float] = {}
         self._run_periodic = periodic
 
@@ -66,31 +90,82 @@ class Worker:
             if self._run_periodic:
                 self.run_periodic()
             try:
-                job = self.ctx.queue.lease(self.name, kinds, self._cfg.lease_seconds)
+                jobs = self._lease(kinds)
             except StorageError as exc:
                 logger.warning("cannot lease jobs: %s", exc)
                 self.stop.wait(min(5.0, self._cfg.poll_seconds * 10))
                 continue
-            if job is None:
+            if not jobs:
                 self.stop.wait(self._cfg.poll_seconds)
                 continue
-            self.run_one(job)
+            self.run_jobs(jobs)
         logger.info("worker %s stopped", self.name)
+
+    def _max_batch(self, kind: str) -> int:
+        handler = self.handlers.get(kind)
+        return int(getattr(handler, "max_batch", 1)) if isinstance(handler, Handler) else 1
+
+    def _lease(self, kinds: list[str]) -> list[Job]:
+        """The next jobs to run: a batch of the kinds that have a batch handler, else one."""
+        lease_seconds = self._cfg.lease_seconds
+        batched = [k for k in kinds if self._max_batch(k) > 1]
+        if batched:
+            limit = max(self._max_batch(k) for k in batched)
+            jobs = self.ctx.queue.lease_many(self.name, batched, lease_seconds, limit)
+            if jobs:
+                return jobs
+        single = [k for k in kinds if k not in batched]
+        job = self.ctx.queue.lease(self.name, single, lease_seconds) if single else None
+        return [job] if job is not None else []
+
+    def run_jobs(self, jobs: list[Job]) -> None:
+        """Run leased *jobs*: a lone job by :meth:`run_one`, a batch by kind."""
+        if len(jobs) == 1:
+            self.run_one(jobs[0])
+            return
+        by_kind: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_kind.setdefault(job.kind, []).append(job)
+        for group in by_kind.values():
+            try:
+                self._run_batch(group)
+            except StorageError as exc:
+                logger.warning(
+                    "a batch of %d %s job(s): cannot record its outcome (%s); they run again "
+                    "after their lease", len(group), group[0].kind, exc,
+                )
 
     def run_periodic(self) -> None:
         now = time.monotonic()
-        for name, (interval, fn) in PERIODIC.items():
+        for name, sweep in PERIODIC.items():
+            if self.kinds is not None and sweep.kind not in self.kinds:
+                continue
             due = self._periodic_due.get(name, 0.0)
             if now < due:
                 continue
-            self._periodic_due[name] = now + interval
+            self._periodic_due[name] = now + sweep.every_seconds
             try:
-                fn(self.ctx)
+                sweep.fn(self.ctx)
             except Exception as exc:
                 logger.error("periodic task %s failed: %s: %s", name, type(exc).__name__, exc)
 
     def run_one(self, job: Job) -> JobState | None:
-        """Run one leased job to its outcome; return the job's new state."""
+        """Run one leased job to its outcome; return the job's new state.
+
+        A database error while recording the outcome (complete, retry, dead letter) does not
+        stop the worker: the job keeps its lease until it expires and then runs again (every
+        handler is idempotent). ``None`` is returned then.
+        """
+        try:
+            return self._run_one(job)
+        except StorageError as exc:
+            logger.warning(
+                "job %d (%s): cannot record its outcome (%s); it runs again after its lease",
+                job.id, job.kind, exc,
+            )
+            return None
+
+    def _run_one(self, job: Job) -> JobState | None:
         handler = self.handlers.get(job.kind)
         self.current = job
         beat_stop = threading.Event()
@@ -116,6 +191,49 @@ class Worker:
         finally:
             beat_stop.set()
             self.current = None
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        handler = self.handlers.get(jobs[0].kind)
+        if not isinstance(handler, Handler):
+            for job in jobs:
+                self.run_one(job)
+            return
+        self.current, self.held = jobs[0], list(jobs)
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat_all, args=(beat_stop,), daemon=True)
+        beat.start()
+        started = time.monotonic()
+        try:
+            outcomes = handler.run_batch(jobs, self.ctx)
+            done = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
+            for job, ok in zip(done, self.ctx.queue.complete_many(done), strict=True):
+                if ok:
+                    logger.info("job %d (%s) done in a batch of %d in %.3f s",
+                                job.id, job.kind, len(jobs), time.monotonic() - started)
+                else:
+                    logger.warning("job %d (%s) finished after its lease was lost",
+                                   job.id, job.kind)
+            self.held = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome]
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                if outcome is None:
+                    continue
+                if isinstance(outcome, PermanentJobError):
+                    self._fail(job, str(outcome), permanent=True)
+                else:
+                    self._fail(job, f"{type(outcome).__name__}: {outcome}", permanent=False)
+                self.held.remove(job)
+        finally:
+            beat_stop.set()
+            self.current, self.held = None, []
+
+    def _heartbeat_all(self, done: threading.Event) -> None:
+        interval = max(self._cfg.lease_seconds / 3, 0.05)
+        while not done.wait(interval):
+            for job in list(self.held):
+                try:
+                    self.ctx.queue.heartbeat(job, self._cfg.lease_seconds)
+                except StorageError as exc:
+                    logger.warning("heartbeat of job %d failed: %s", job.id, exc)
 
     def _fail(self, job: Job, error: str, *, permanent: bool) -> JobState | None:
         cfg = self._cfg
@@ -146,11 +264,13 @@ class Worker:
                 logger.warning("heartbeat of job %d failed: %s", job.id, exc)
 
     def release_current(self) -> bool:
-        """Give the job in hand back to the queue (shutdown past the grace period)."""
-        job = self.current
-        if job is None:
-            return False
-        try:
-            return self.ctx.queue.release(job)
-        except StorageError:
-            return False
+        """Give the job (or the batch) in hand back to the queue (shutdown past the grace
+        period); ``True`` if any was given back."""
+        jobs = list(self.held) or ([self.current] if self.current is not None else [])
+        released = False
+        for job in jobs:
+            try:
+                released = self.ctx.queue.release(job) or released
+            except StorageError:
+                pass
+        return released

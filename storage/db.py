@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from sqlalchemy.exc import IntegrityError as SQLAlchemyIntegrityError
 from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 from storage.errors import DatabaseUnavailable, NotMigrated
+from storage.turn import WriteTurn
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,12 @@ class Database:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        # SQLite: the node's writers take turns through a lock file (storage.turn).
+        self.turn: WriteTurn | None = None
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                self.turn = WriteTurn(Path(parsed.database), timeout_seconds=busy_timeout_ms / 1000)
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000, "isolation_level": None}
         else:
             kwargs.update(
@@ -61,10 +65,16 @@ class Database:
     def is_postgresql(self) -> bool:
         return self.dialect == "postgresql"
 
+    def write_turn(self, *, priority: bool = False) -> AbstractContextManager[None]:
+        """Hold the node-wide write turn of a SQLite file (:mod:`storage.turn`); on
+        PostgreSQL (row locks, no single writer) it is a no-op. :meth:`session` and
+        :meth:`transaction` take it themselves; *priority* is for the C-STORE path."""
+        return nullcontext() if self.turn is None else self.turn.hold(priority=priority)
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error."""
-        with self._translated():
+        with self.write_turn(), self._translated():
             with self._sessions() as session, session.begin():
                 yield session
 
@@ -72,7 +82,7 @@ class Database:
     def transaction(self) -> Iterator[Connection]:
         """A Core connection in one write transaction, as :meth:`session` without the ORM
         (for the C-STORE path, where the session's own bookkeeping is measurable)."""
-        with self._translated():
+        with self.write_turn(), self._translated():
             with self.engine.begin() as conn:
                 yield conn
 
@@ -110,9 +120,24 @@ class Database:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
         except SQLAlchemyError as exc:
-            raise DatabaseUnavailable(
-                f"cannot reach the {self.dialect} database: {type(exc).__name__}"
-            ) from exc
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: SQLAlchemyError) -> DatabaseUnavailable:
+        """The error for a database that cannot be reached: where it was looked for (never
+        the password) and the driver's reason."""
+        parsed = make_url(self.url)
+        if self.dialect == "sqlite":
+            where = f"at {parsed.database}"
+        else:
+            where = f"at {parsed.host or 'the local socket'}:{parsed.port or 5432}"
+            if parsed.database:
+                where += f", database {parsed.database}"
+        orig = getattr(exc, "orig", None) or exc
+        lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(orig).__name__
+        return DatabaseUnavailable(
+            f"cannot reach the {self.dialect} database {where}: {reason[:300]}"
+        )
 
     def warm_up(self) -> None:
         """Do now what the first transaction would otherwise pay for while a peer waits: the
@@ -132,9 +157,7 @@ class Database:
             with self.engine.connect() as conn:
                 return MigrationContext.configure(conn).get_current_revision()
         except SQLAlchemyError as exc:
-            raise DatabaseUnavailable(
-                f"cannot reach the {self.dialect} database: {type(exc).__name__}"
-            ) from exc
+            raise self._unreachable(exc) from exc
 
     def head_revision(self) -> str | None:
         from alembic.script import ScriptDirectory
@@ -169,11 +192,58 @@ class Database:
         cfg.attributes["engine"] = self.engine
         return cfg
 
+    def upsert(
+        self,
+        conn: Connection | Session,
+        table: Any,
+        values: Mapping[str, Any],
+        *,
+        key: str,
+        update: Mapping[str, Any] | None = None,
+    ) -> None:
+        """``INSERT … ON CONFLICT (key) DO NOTHING`` (or ``DO UPDATE SET`` *update*) in the
+        transaction of *conn*, in this database's dialect.
+
+        The one place the node writes an insert that depends on the dialect (SQLite and
+        PostgreSQL both spell it ``ON CONFLICT``; SQLAlchemy has it per dialect only).
+        *table* is a mapped class or a table; *key* is the unique column the conflict is on.
+        """
+        conn.execute(_conflict_insert(self, table, values, key, update))
+
+    def upsert_many(
+        self,
+        conn: Connection | Session,
+        table: Any,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        key: str,
+        update_from_row: Sequence[str] = (),
+        update: Mapping[str, Any] | None = None,
+    ) -> None:
+        """:meth:`upsert` of several *rows* in one ``executemany``.
+
+        On a conflict on *key* nothing happens, unless *update_from_row* names columns that
+        take the value of the row that was to be inserted (``excluded.<column>``) and/or
+        *update* gives columns fixed values.
+        """
+        if not rows:
+            return
+        stmt = (postgresql if self.is_postgresql else sqlite).insert(table)
+        set_ = {column: stmt.excluded[column] for column in update_from_row}
+        set_.update(update or {})
+        if set_:
+            stmt = stmt.on_conflict_do_update(index_elements=[key], set_=set_)
+        else:
+            stmt = stmt.on_conflict_do_nothing(index_elements=[key])
+        conn.execute(stmt, [dict(row) for row in rows])
+
     def table_names(self) -> list[str]:
         return inspect(self.engine).get_table_names()
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.turn is not None:
+            self.turn.close()
 
 
 class PreparedInsert:
@@ -191,13 +261,9 @@ class PreparedInsert:
         self, db: Database, table: FromClause, columns: Sequence[str], conflict: str
     ) -> None:
         dialect = db.engine.dialect
-        stmt = (
-            (postgresql if db.is_postgresql else sqlite)
-            .insert(table)
-            .values({name: bindparam(name) for name in columns})
-            .on_conflict_do_nothing(index_elements=[conflict])
-            .returning(table.c.id)
-        )
+        stmt = _conflict_insert(
+            db, table, {name: bindparam(name) for name in columns}, conflict, None
+        ).returning(table.c.id)
         compiled = stmt.compile(dialect=dialect)
         self.sql = compiled.string
         self._positional = compiled.positional
@@ -248,6 +314,20 @@ class PreparedInsert:
                 f"database {self._dialect} unavailable: {type(exc).__name__}"
             ) from exc
         return None if row is None else int(row[0])
+
+
+def _conflict_insert(
+    db: Database,
+    table: Any,
+    values: Mapping[str, Any],
+    key: str,
+    update: Mapping[str, Any] | None,
+) -> Any:
+    """The dialect's ``INSERT … ON CONFLICT (key) DO NOTHING | DO UPDATE SET update``."""
+    stmt = (postgresql if db.is_postgresql else sqlite).insert(table).values(dict(values))
+    if update:
+        return stmt.on_conflict_do_update(index_elements=[key], set_=dict(update))
+    return stmt.on_conflict_do_nothing(index_elements=[key])
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

@@ -22,17 +22,19 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from node.dicom.encoding import EXPLICIT_BE, IMPLICIT_LE
 from node.errors import DeidError
 from node.keys import NodeKeys
 from storage.db import Database
@@ -41,8 +43,6 @@ from storage.models import VaultInstance, VaultStudy
 logger = logging.getLogger(__name__)
 
 NONCE_BYTES = 12
-_IMPLICIT_LE = "1.2.840.10008.1.2"
-_EXPLICIT_BE = "1.2.840.10008.1.2.2"
 
 
 class VaultError(DeidError):
@@ -72,18 +72,14 @@ def decode(plaintext: bytes) -> Dataset:
     body = plaintext[1 + size :]
     try:
         return read_dataset(
-            io.BytesIO(body), syntax == _IMPLICIT_LE, syntax != _EXPLICIT_BE
+            io.BytesIO(body), syntax == IMPLICIT_LE, syntax != EXPLICIT_BE
         )
     except Exception as exc:  # pydicom raises a variety of errors on bad input
         raise VaultError("a vault record does not hold a readable dataset") from exc
 
 
-def _insert(session: Session) -> Any:
-    bind = session.get_bind()
-    return (postgresql if bind.dialect.name == "postgresql" else sqlite).insert
-
-
 def store(
+    db: Database,
     session: Session,
     keys: NodeKeys,
     *,
@@ -92,26 +88,45 @@ def store(
     study_plaintext: bytes,
     instance_plaintext: bytes,
 ) -> None:
-    """Upsert the study and instance records in *session*'s transaction.
+    """Upsert the study and instance records in *session*'s transaction (a session of *db*).
 
     The study record is replaced by the newest instance's header (a re-sent study with a
     corrected name files results under the correction).
     """
+    store_many(db, session, keys,
+               [VaultRecords(study_key, sop_key, study_plaintext, instance_plaintext)])
+
+
+@dataclass(frozen=True)
+class VaultRecords:
+    """The vault plaintexts of one de-identified instance (see :func:`store_many`)."""
+
+    study_key: str
+    sop_key: str
+    study_plaintext: bytes
+    instance_plaintext: bytes
+
+
+def store_many(
+    db: Database, conn: Session | Connection, keys: NodeKeys, records: Sequence[VaultRecords]
+) -> None:
+    """:func:`store` for several instances in one statement per table (``executemany``); of
+    several instances of one study, the last one's header is the study's record."""
+    if not records:
+        return
     now = datetime.now(UTC)
-    insert = _insert(session)
-    study_ct = seal(keys.vault, study_key, study_plaintext)
-    stmt = insert(VaultStudy).values(study_key=study_key, ciphertext=study_ct, updated_at=now)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["study_key"], set_={"ciphertext": study_ct, "updated_at": now}
-        )
+    studies = {r.study_key: r for r in records}
+    db.upsert_many(
+        conn, VaultStudy,
+        [{"study_key": k, "ciphertext": seal(keys.vault, k, r.study_plaintext), "updated_at": now}
+         for k, r in studies.items()],
+        key="study_key", update_from_row=("ciphertext", "updated_at"),
     )
-    inst_ct = seal(keys.vault, sop_key, instance_plaintext)
-    stmt = insert(VaultInstance).values(sop_key=sop_key, study_key=study_key, ciphertext=inst_ct)
-    session.execute(
-        stmt.on_conflict_do_update(
-            index_elements=["sop_key"], set_={"ciphertext": inst_ct, "study_key": study_key}
-        )
+    db.upsert_many(
+        conn, VaultInstance,
+        [{"sop_key": r.sop_key, "study_key": r.study_key,
+          "ciphertext": seal(keys.vault, r.sop_key, r.instance_plaintext)} for r in records],
+        key="sop_key", update_from_row=("ciphertext", "study_key"),
     )
 
 

@@ -2,8 +2,12 @@
 
 Order (PS3.4 B.2.3: a success status means the SCP has taken responsibility for the instance):
 
-1. validate the encoding and the four UIDs (failure statuses 0xC000 family, 0xA900);
-2. check the data volume's free-space floor (0xA700 below it);
+1. refuse an instance larger than the maximum instance size, or a deflated one that would
+   inflate beyond the inflation limit (0xA700, audited; the SCP's fast path has already
+   discarded the fragments of a data set beyond the size as they arrived);
+2. validate the encoding (every item of every sequence, as the de-identifier walks it) and
+   the four UIDs (failure statuses 0xC000 family, 0xA900); check the data volume's free-space
+   floor (0xA700 below it);
 3. encrypt the received bytes into the spool (AES-GCM, a record appended to this process's
    spool segment, see :mod:`storage.spool`);
 4. make the record durable and, in one database transaction, insert the instance row and its
@@ -33,9 +37,7 @@ instances are retried one transaction each, so one bad row cannot fail its neigh
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -45,8 +47,10 @@ from typing import Any
 
 from node.audit import audit
 from node.deid.pseudonyms import uid_pseudonym
-from node.dicom.inspect import DatasetHeader, MalformedDataset, inspect_dataset
+from node.dicom.inspect import DatasetHeader, inspect_dataset
 from node.dicom.status import Status
+from node.errors import InstanceTooLarge, MalformedDataset
+from node.jobs import DeidentifyPayload, deidentify_dedupe_key, enqueue
 from storage.audit import AuditKind
 from storage.db import Database, PreparedInsert
 from storage.errors import CommitOutcomeUnknown, DatabaseUnavailable, StorageError
@@ -58,7 +62,6 @@ from storage.spool import Spool
 
 logger = logging.getLogger(__name__)
 
-DEIDENTIFY = "deidentify"
 _ROW_COLUMNS = ("sop_key", "study_key", "series_key", "sop_class_uid", "transfer_syntax_uid",
                 "calling_ae", "size_bytes", "state", "spool_name")
 # Most instances one group commit writes (bounds the transaction and the wait behind it).
@@ -88,6 +91,8 @@ class Receiver:
         site_key: bytes,
         data_dir: Path,
         free_space_floor_bytes: int,
+        max_instance_bytes: int | None = None,
+        max_inflated_bytes: int | None = None,
     ) -> None:
         self.db = db
         self.queue = queue
@@ -95,11 +100,10 @@ class Receiver:
         self.site_key = site_key
         self.data_dir = data_dir
         self.floor = free_space_floor_bytes
+        self.max_instance = max_instance_bytes
+        self.max_inflated = max_inflated_bytes
         self._insert_row = PreparedInsert(db, Instance.__table__, _ROW_COLUMNS, "sop_key")
         self._committer = _GroupCommitter(self._write_rows, self._writer_turn)
-        # SQLite: the SCP processes take turns through a lock file (see _writer_turn).
-        self._turn_path = None if db.is_postgresql else data_dir / ".receive-write.lock"
-        self._turn_fd: tuple[int, int] | None = None  # (pid, fd): opened once per process
 
     def store(
         self,
@@ -111,8 +115,16 @@ class Receiver:
         calling_ae: str,
     ) -> Outcome:
         """Validate, keep and queue one received dataset; return the status to answer."""
+        if self.max_instance is not None and len(raw) > self.max_instance:
+            return self.refuse_oversized(calling_ae, len(raw))
         try:
-            header, missing = inspect_dataset(raw, transfer_syntax)
+            header, missing = inspect_dataset(
+                raw, transfer_syntax, max_inflated=self.max_inflated
+            )
+        except InstanceTooLarge:
+            return self._refuse(
+                Status.OUT_OF_RESOURCES, "deflated dataset inflates beyond the limit", calling_ae
+            )
         except MalformedDataset as exc:
             return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling_ae)
         if header is None:
@@ -197,10 +209,10 @@ class Receiver:
                 for row in rows:
                     instance_id = self._insert_row(conn, row)
                     if instance_id is not None:
-                        self.queue.enqueue(
-                            DEIDENTIFY,
-                            {"instance_id": instance_id},
-                            dedupe_key=f"{DEIDENTIFY}:{row['sop_key']}",
+                        enqueue(
+                            self.queue,
+                            DeidentifyPayload(instance_id),
+                            dedupe_key=deidentify_dedupe_key(row["sop_key"]),
                             session=conn,
                         )
                     ids.append(instance_id)
@@ -213,37 +225,29 @@ class Receiver:
 
     @contextmanager
     def _writer_turn(self) -> Iterator[None]:
-        """On SQLite, hold an exclusive ``flock`` shared by the node's SCP processes while
-        writing. SQLite's own busy handler polls a held write lock with sleeps of 1, 2, 5,
-        10 … 100 ms, so under contention most of the lock's time is lost to sleeping and one
-        process can starve another; blocked on the flock, the next process's leader wakes
-        as soon as the lock is released (and its batch has grown meanwhile). Other writers
-        (workers, the CLI) still meet SQLite's busy timeout as before."""
+        """Hold the database's write turn (:mod:`storage.turn`, SQLite only) as its priority
+        writer: blocked on an ``flock`` shared by every writer of the node, the leader wakes
+        as soon as the turn is free (its batch has grown meanwhile), where SQLite's own busy
+        handler would sleep 1, 2, 5 … 100 ms between attempts; the workers and the CLI poll
+        for the turn, so the SCP goes first when both wait."""
         # The records written so far become durable before queueing for the lock, not while
         # holding it (the sync in _write_rows then covers only rows that arrived meanwhile).
         self.spool.sync()
-        if self._turn_path is None:
+        with self.db.write_turn(priority=True):
             yield
-            return
-        pid = os.getpid()
-        if self._turn_fd is None or self._turn_fd[0] != pid:  # a flock is per open file
-            fd = os.open(self._turn_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._turn_fd = (pid, fd)
-        fd = self._turn_fd[1]
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            raise StorageError("cannot take the receive write lock") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _discard(self, spool_name: str) -> None:
         try:
             self.spool.delete(spool_name)
         except StorageError:
             logger.error("could not remove spool item %s after a failed store", spool_name)
+
+    def refuse_oversized(self, calling_ae: str, size: int) -> Outcome:
+        """The answer to an instance larger than the maximum instance size (audited)."""
+        logger.warning("C-STORE of %d bytes exceeds the maximum instance size", size)
+        return self._refuse(
+            Status.OUT_OF_RESOURCES, "instance exceeds the maximum instance size", calling_ae
+        )
 
     def _refuse(self, status: Status, comment: str, calling_ae: str) -> Outcome:
         logger.warning(

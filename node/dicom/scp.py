@@ -1,748 +1,59 @@
-"""The storage SCP: Verification and C-STORE over pynetdicom, default-deny peers.
+"""The storage SCP's policy: Verification and C-STORE over pynetdicom, default-deny peers.
 
 Thin by design (house style 1): the C-STORE handler runs in the association thread before the
 response is sent, so it only hands the received bytes to :class:`~node.dicom.receive.Receiver`
 and maps the outcome to a status from :class:`~node.dicom.status.Status`.
 
+This module is the node's policy only: which peers may associate (AE title and host pins,
+default deny), the audit records of rejected associations and of what each association
+delivered, the per-association statistics. The layers below it are in their own modules:
+:mod:`node.dicom.configure` (pynetdicom's set-up, applied when a :class:`StorageSCP` is built),
+:mod:`node.dicom.sockets` (listening socket, ``TCP_NODELAY``) and :mod:`node.dicom.fastpath`
+(the PS3.8 data phase that replaces pynetdicom's acceptor internals, and the server around a
+shared listening socket).
+
 Several SCP processes may serve one port: each builds a :class:`StorageSCP` around the same
 listening socket (inherited over ``fork``) and the kernel gives each connection to one of them.
 pynetdicom's identifier logging is switched off; nothing here logs a patient identifier.
-
-Throughput: pynetdicom's data phase is built from two polling threads per association (the
-DUL reactor sleeps between socket polls, the association reactor sleeps 1 ms per loop) and
-hands every PDU through three queues, a state machine and a DIMSE decoder that reads the
-socket 4 KiB at a time; it also deep-copies every supported presentation context (≈ 6000
-transfer syntax UIDs, each re-validated by pydicom: ≈ 40 ms of CPU) for each association.
-Measured with DCMTK ``storescu`` on 2 cores, that caps a pynetdicom SCP that does nothing
-with what it receives at 300-480 CT instances/s; this module's own path, at 1200-2000/s
-(``tests/benchmarks/bench_receive.py``; the durable work in :mod:`node.dicom.receive` then
-dominates). So, for the association acceptor only, this module replaces three pieces of
-pynetdicom 3.0 (``_FastRequestHandler``, ``_StoreDUL``, ``_Association``; internals, hence
-pynetdicom pinned ``<3.1`` in pyproject):
-
-- the per-association context copy is a shallow copy (negotiation never mutates them);
-- the DUL reactor blocks in ``poll()`` on the socket and a wake-up pipe instead of polling;
-- a C-STORE-RQ on an accepted storage context is assembled and answered in the DUL thread
-  itself (the DCMTK model: one thread reads, stores, answers), without the state machine:
-  in Sta6 a P-DATA-TF changes no state, so pynetdicom's own path would do the same work
-  (DT-2 in, DT-1 out) through queues. Its data set fragments go from the socket straight
-  into one reused buffer; the response is byte for byte the one pynetdicom would send.
-  Everything else (association negotiation, C-ECHO, release, abort, any message the fast
-  path does not recognise) still goes through pynetdicom unchanged, the raw PDVs handed
-  over in order;
-- the association reactor waits on an event the DUL sets instead of sleeping 1 ms per loop.
-
-``FAST_STORE_PATH = False`` leaves every message to pynetdicom (tests compare both paths).
 """
 
 from __future__ import annotations
 
-import copy
-import functools
 import logging
-import os
-import queue
-import select
 import socket
-import ssl
-import struct
 import threading
-import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
-from pynetdicom._globals import MODE_ACCEPTOR
-from pynetdicom.association import Association
+from pynetdicom import AE, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
-from pynetdicom.presentation import PresentationContext
-from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from node.config import Peer, Settings
+from node.dicom.configure import configure_pynetdicom
 from node.dicom.contexts import supported_contexts
+from node.dicom.fastpath import AcceptorAE, Limits, SharedSocketServer, StoreRequest
 from node.dicom.receive import Receiver
 from node.dicom.status import Status
 from storage.audit import AuditKind
 
 logger = logging.getLogger(__name__)
 
-# pynetdicom must never log identifiers (PS3.15 / the PHI boundary) nor spill datasets to disk.
-_config.LOG_HANDLER_LEVEL = "none"
-_config.LOG_REQUEST_IDENTIFIERS = False
-_config.LOG_RESPONSE_IDENTIFIERS = False
-_config.STORE_RECV_CHUNKED_DATASET = False
-logging.getLogger("pynetdicom").setLevel(logging.WARNING)
-
-
-def _memoize_uid_conversion() -> None:
-    """Make pynetdicom's ``set_uid`` (text → validated UID) a cached lookup.
-
-    Negotiating one association with DCMTK ``storescu`` (≈ 120 proposed presentation
-    contexts) converts each abstract and transfer syntax several times, each time through
-    pydicom's and pynetdicom's regular-expression validation: ≈ 60 % of the ≈ 13 ms of CPU an
-    association costs before its first C-STORE. The same few hundred UIDs come back in every
-    association, so the (pure) conversion is cached; invalid UIDs still raise every time
-    (exceptions are not cached) and the cache is bounded.
-    """
-    import pynetdicom.dimse_primitives
-    import pynetdicom.pdu_items
-    import pynetdicom.pdu_primitives
-    import pynetdicom.presentation
-    import pynetdicom.utils
-
-    original = pynetdicom.utils.set_uid
-    if getattr(original, "_fednode_cached", False):
-        return
-    cached = functools.lru_cache(maxsize=4096)(original)
-
-    def set_uid(
-        value: Any,
-        name: str,
-        allow_empty: bool = True,
-        allow_none: bool = True,
-        validate: bool = True,
-    ) -> Any:
-        # Only the syntax UIDs repeat; SOP Instance UIDs would flush them from the cache (and
-        # stay in memory).
-        if isinstance(value, str | bytes) and "Instance" not in name:
-            return cached(value, name, allow_empty, allow_none, validate)
-        return original(value, name, allow_empty, allow_none, validate)
-
-    set_uid._fednode_cached = True  # type: ignore[attr-defined]
-    for module in (pynetdicom.utils, pynetdicom.pdu_items, pynetdicom.pdu_primitives,
-                   pynetdicom.presentation, pynetdicom.dimse_primitives):
-        module.set_uid = set_uid  # type: ignore[attr-defined]
-
-
-_memoize_uid_conversion()
-
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 = rejected-permanent, source 1 = service user.
 _REJECT_PERMANENT, _SOURCE_USER = 0x01, 0x01
 _CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
 
-# The fast C-STORE path (module docstring); False leaves every message to pynetdicom.
-FAST_STORE_PATH = True
-# Longest the DUL and association reactors block without an event (timers, kill flags).
-_REACTOR_WAIT = 0.05
-# How long a process with N associations waits before accepting one more (see get_request).
-_ACCEPT_YIELD, _ACCEPT_YIELD_MAX, _ACCEPT_RECENT = 0.01, 0.05, 0.5
 
-
-def set_nodelay(sock: socket.socket) -> None:
-    """Disable Nagle's algorithm: small PDUs otherwise wait for the peer's delayed ACK."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except OSError:  # not a TCP socket (tests with socketpair)
-        pass
-
-
-def listen_socket(host: str, port: int, backlog: int = 64) -> socket.socket:
-    """Bind and listen on (*host*, *port*); the socket may be shared by forked processes."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    # Several processes accept on this socket: the losers of a race must not block.
-    sock.setblocking(False)
-    return sock
-
-
-# -- the fast data phase (module docstring) ---------------------------------------------------
-_PDU_HEADER = struct.Struct(">BBL")
-_PDV_LENGTH = struct.Struct(">L")
-_ELEMENT = struct.Struct("<HHL")
-_US = struct.Struct("<H")
-_P_DATA_TF = 0x04
-_C_STORE_RQ, _C_STORE_RSP, _NO_DATASET = 0x0001, 0x8001, 0x0101
-# Command elements (group 0000, PS3.7 E.1): keyed by element number.
-_AFFECTED_SOP_CLASS, _COMMAND_FIELD, _MESSAGE_ID = 0x0002, 0x0100, 0x0110
-_RESPONDED_TO, _DATASET_TYPE = 0x0120, 0x0800
-_STATUS, _ERROR_COMMENT, _AFFECTED_SOP_INSTANCE = 0x0900, 0x0902, 0x1000
-
-
-class _InvalidPData(Exception):
-    """A P-DATA-TF PDU that breaks PS3.8 9.3.5 / Annex E framing (answered with Evt19)."""
-
-
-class _Closed(Exception):
-    """The connection closed or failed inside a PDU (answered with Evt17)."""
-
-
-@dataclass(frozen=True)
-class StoreRequest:
-    """The fields of a C-STORE-RQ the node uses (PS3.7 9.3.1.1)."""
-
-    context_id: int
-    transfer_syntax: str
-    message_id: int
-    sop_class_uid: str
-    sop_instance_uid: str
-
-
-StoreFunc = Callable[[Any, StoreRequest, memoryview], tuple[int, str]]
-
-
-def _parse_command(buf: bytes | bytearray) -> dict[int, bytes] | None:
-    """Split an encoded command set (Implicit VR Little Endian, group 0000) by element."""
-    out: dict[int, bytes] = {}
-    pos, end = 0, len(buf)
-    while pos < end:
-        if pos + 8 > end:
-            return None
-        group, elem, length = _ELEMENT.unpack_from(buf, pos)
-        stop = pos + 8 + length
-        if group != 0 or stop > end:
-            return None
-        out[elem] = bytes(buf[pos + 8 : stop])
-        pos = stop
-    return out
-
-
-def _us(fields: dict[int, bytes], elem: int) -> int | None:
-    value = fields.get(elem)
-    return _US.unpack(value)[0] if value is not None and len(value) == 2 else None
-
-
-def _text(fields: dict[int, bytes], elem: int) -> str:
-    return fields.get(elem, b"").decode("ascii", "replace").strip("\x00 ")
-
-
-def _element(elem: int, value: bytes, pad: bytes) -> bytes:
-    if len(value) % 2:
-        value += pad
-    return _ELEMENT.pack(0, elem, len(value)) + value
-
-
-def encode_store_rsp(req: StoreRequest, status: int, comment: str = "") -> bytes:
-    """The C-STORE-RSP command set (PS3.7 9.3.1.2), Implicit VR Little Endian."""
-    body = b"".join(
-        [
-            _element(_AFFECTED_SOP_CLASS, req.sop_class_uid.encode("ascii", "replace"), b"\x00"),
-            _element(_COMMAND_FIELD, _US.pack(_C_STORE_RSP), b""),
-            _element(_RESPONDED_TO, _US.pack(req.message_id), b""),
-            _element(_DATASET_TYPE, _US.pack(_NO_DATASET), b""),
-            _element(_STATUS, _US.pack(status), b""),
-            _element(_ERROR_COMMENT, comment[:64].encode("ascii", "replace"), b" ")
-            if comment
-            else b"",
-            _element(
-                _AFFECTED_SOP_INSTANCE, req.sop_instance_uid.encode("ascii", "replace"), b"\x00"
-            ),
-        ]
-    )
-    return _ELEMENT.pack(0, 0x0000, 4) + struct.pack("<L", len(body)) + body
-
-
-def pdata_pdus(context_id: int, command: bytes, max_length: int) -> list[bytes]:
-    """*command* as P-DATA-TF PDUs of at most *max_length* (0 = unlimited) (PS3.8 9.3.5)."""
-    room = len(command) if not max_length else max(1, max_length - 6)
-    pdus = []
-    for start in range(0, len(command), room):
-        chunk = command[start : start + room]
-        header = 0x03 if start + room >= len(command) else 0x01
-        pdv = _PDV_LENGTH.pack(len(chunk) + 2) + bytes((context_id, header)) + chunk
-        pdus.append(_PDU_HEADER.pack(_P_DATA_TF, 0, len(pdv)) + pdv)
-    return pdus
-
-
-_IDLE, _COMMAND, _FAST, _LEGACY = range(4)
-# The message buffer starts at 1 MiB and is dropped after a data set larger than 64 MiB.
-_MIN_BUFFER, _KEEP_BUFFER = 1 << 20, 64 << 20
-
-
-class _StoreDUL(DULServiceProvider):
-    """pynetdicom's DUL provider, event-driven, with the fast C-STORE path in its thread.
-
-    *store* is called in this thread with the association, the request and a view of the
-    data set (valid during the call only), and returns the status and error comment to answer.
-    """
-
-    def __init__(self, assoc: Association, store: StoreFunc) -> None:
-        super().__init__(assoc)
-        self._store = store
-        # A pipe other threads write to wake the reactor out of poll(); it exists while the
-        # reactor runs (created and closed in its thread, under the lock: a descriptor number
-        # written to after close could belong to another file by then).
-        self._wake_lock = threading.Lock()
-        self._wake_r: int | None = None
-        self._wake_w: int | None = None
-        self._header = bytearray(6)
-        self._pdv_header = bytearray(6)
-        self._mode = _IDLE
-        self._command = bytearray()
-        self._pending: list[bytes] = []  # PDV items of a command not yet complete
-        self._request: StoreRequest | None = None
-        self._buffer = bytearray()  # the data set of the fast C-STORE being received
-        self._used = 0
-
-    # -- waking the reactor ---------------------------------------------------------------
-    def _wake(self) -> None:
-        with self._wake_lock:
-            if self._wake_w is None:
-                return  # not running (yet, or any more): nothing to wake
-            try:
-                os.write(self._wake_w, b"\x00")
-            except OSError:
-                pass  # the pipe is full: the reactor is awake anyway
-
-    def send_pdu(self, primitive: Any) -> None:
-        super().send_pdu(primitive)
-        self._wake()
-
-    def kill_dul(self) -> None:
-        super().kill_dul()
-        self._wake()
-
-    def stop_dul(self) -> bool:
-        """As pynetdicom's, waking the reactor instead of waiting for its next poll."""
-        if self.state_machine.current_state != "Sta1":
-            return False
-        self._kill_thread = True
-        self._wake()
-        if threading.current_thread() is not self:
-            self.join()
-        return True
-
-    def run_reactor(self) -> None:
-        """pynetdicom's reactor loop, blocking in :meth:`_is_transport_event` when idle
-        instead of sleeping ``_run_loop_delay`` between polls."""
-        with self._wake_lock:
-            self._wake_r, self._wake_w = os.pipe()
-            os.set_blocking(self._wake_r, False)
-            os.set_blocking(self._wake_w, False)
-        self._idle_timer.start()
-        try:
-            while True:
-                if not self.assoc._dul_ready.is_set():
-                    self.assoc._dul_ready.set()
-                if self._kill_thread:
-                    break
-                if self.artim_timer.expired:
-                    self.event_queue.put("Evt18")
-                try:
-                    if self._process_recv_primitive():
-                        pass
-                    elif self._is_transport_event():
-                        self._idle_timer.restart()
-                except Exception as exc:  # as pynetdicom: abort, bypassing the state machine
-                    logger.error("DUL reactor failed, aborting the association: %s",
-                                 type(exc).__name__)
-                    abort = A_ABORT_RQ()
-                    abort.source = 0x02
-                    abort.reason_diagnostic = 0x00
-                    if self.socket is not None and self.socket.socket is not None:
-                        self.socket.send(abort.encode())
-                    self.assoc.is_aborted = True
-                    self.assoc.is_established = False
-                    self.assoc._kill = True
-                    self._kill_thread = True
-                    return
-                try:
-                    event = self.event_queue.get(block=False)
-                except queue.Empty:
-                    continue
-                self.state_machine.do_action(event)
-                wake = getattr(self.assoc, "wake", None)
-                if wake is not None:
-                    wake()
-        finally:
-            wake = getattr(self.assoc, "wake", None)
-            if wake is not None:
-                wake()
-            with self._wake_lock:
-                for fd in (self._wake_r, self._wake_w):
-                    if fd is not None:
-                        os.close(fd)
-                self._wake_r = self._wake_w = None
-
-    def _is_transport_event(self) -> bool:
-        if self.state_machine.current_state == "Sta13":
-            return bool(super()._is_transport_event())
-        sock = self.socket
-        raw = sock.socket if sock is not None and sock._is_connected else None
-        if isinstance(raw, ssl.SSLSocket) and raw.pending():
-            self._read_pdu_data()  # decrypted bytes already buffered: poll() cannot see them
-            return True
-        wake_r = self._wake_r
-        assert wake_r is not None  # set while the reactor runs
-        poller = select.poll()
-        poller.register(wake_r, select.POLLIN)
-        if raw is not None:
-            poller.register(raw, select.POLLIN)
-        timeout = 0 if not self.event_queue.empty() else int(_REACTOR_WAIT * 1000)
-        try:
-            ready = poller.poll(timeout)
-        except (OSError, ValueError):
-            self.event_queue.put("Evt17")  # as AssociationSocket.ready
-            return False
-        data = False
-        for fd, _mask in ready:
-            if fd == wake_r:
-                try:
-                    while os.read(wake_r, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-            else:
-                data = True
-        if data:
-            self._read_pdu_data()
-            return True
-        return False
-
-    # -- reading --------------------------------------------------------------------------
-    def _recv_into(self, view: memoryview) -> None:
-        """Fill *view* from the socket; :class:`_Closed` if the peer closes or it fails."""
-        sock = self.socket.socket if self.socket is not None else None
-        if sock is None:
-            raise _Closed
-        got, want = 0, len(view)
-        try:
-            while got < want:
-                n = sock.recv_into(view[got:], want - got)
-                if not n:
-                    raise _Closed
-                got += n
-        except OSError as exc:
-            raise _Closed from exc
-
-    def _recv_bytes(self, size: int) -> bytearray:
-        data = bytearray(size)
-        self._recv_into(memoryview(data))
-        return data
-
-    def _read_pdu_data(self) -> None:
-        """As pynetdicom's (the same events on the same errors), reading each PDU whole, or
-        a P-DATA-TF PDV by PDV with data set fragments straight into the message buffer."""
-        try:
-            self._recv_into(memoryview(self._header))
-            pdu_type, _, length = _PDU_HEADER.unpack(self._header)
-            if pdu_type not in (0x01, 0x02, 0x03, 0x04, 0x05, 0x06, 0x07):
-                logger.error("unknown PDU type 0x%02X received", pdu_type)
-                self.event_queue.put("Evt19")
-                return
-            if (
-                pdu_type == _P_DATA_TF
-                and FAST_STORE_PATH
-                and self.state_machine.current_state == "Sta6"
-            ):
-                self._read_pdata(length)
-                return
-            body = self._recv_bytes(length)
-        except _Closed:
-            self.event_queue.put("Evt17")  # closed (or broken) inside a PDU
-            return
-        except _InvalidPData as exc:
-            logger.error("invalid P-DATA-TF PDU: %s", exc)
-            self.event_queue.put("Evt19")
-            return
-        self._to_pynetdicom(bytes(self._header) + body)
-
-    def _to_pynetdicom(self, pdu_bytes: bytes) -> None:
-        """pynetdicom's own handling of one received PDU (the end of its _read_pdu_data)."""
-        try:
-            pdu, event = self._decode_pdu(bytearray(pdu_bytes))
-            self.event_queue.put(event)
-        except Exception as exc:
-            logger.error("unable to decode a received PDU: %s", type(exc).__name__)
-            self.event_queue.put("Evt19")
-            return
-        self._recv_pdu.put(pdu)
-
-    def _forward(self, items: list[bytes]) -> None:
-        payload = b"".join(items)
-        self._to_pynetdicom(_PDU_HEADER.pack(_P_DATA_TF, 0, len(payload)) + payload)
-
-    # -- P-DATA ---------------------------------------------------------------------------
-    def _read_pdata(self, length: int) -> None:
-        """Read one P-DATA-TF PDU of *length* bytes and route its PDVs (PS3.8 9.3.5, Annex
-        E) message by message: fast C-STORE data set fragments into :attr:`_buffer`, the
-        PDVs of any other message on to pynetdicom, in order."""
-        if not length:
-            raise _InvalidPData("no presentation data value")
-        header = self._pdv_header
-        remaining = length
-        forward: list[bytes] = []
-        while remaining:
-            if remaining < 6:
-                raise _InvalidPData("truncated PDV item")
-            self._recv_into(memoryview(header))
-            (item_length,) = _PDV_LENGTH.unpack_from(header)
-            if item_length < 2 or item_length + 4 > remaining:
-                raise _InvalidPData("PDV item length out of range")
-            remaining -= item_length + 4
-            size = item_length - 2
-            context_id, control = header[4], header[5]
-            is_command, last = bool(control & 0x01), bool(control & 0x02)
-            if self._mode == _FAST:
-                request = self._request
-                assert request is not None
-                if is_command or context_id != request.context_id:
-                    raise _InvalidPData("a command or another context inside a data set")
-                end = self._used + size
-                if end > len(self._buffer):
-                    self._grow(end)
-                self._recv_into(memoryview(self._buffer)[self._used : end])
-                self._used = end
-                if last:
-                    self._mode = _IDLE
-                    self._finish_store()
-                continue
-            data = self._recv_bytes(size)
-            item = bytes(header) + data
-            if self._mode == _LEGACY:
-                forward.append(item)
-                if last and not is_command:
-                    self._mode = _IDLE
-                    self._forward(forward)
-                    forward = []
-            elif not is_command:
-                raise _InvalidPData("a data set fragment without a command")
-            else:
-                self._mode = _COMMAND
-                self._pending.append(item)
-                self._command += data
-                if last:
-                    forward = self._command_complete(context_id, forward)
-        if forward:
-            self._forward(forward)
-
-    def _grow(self, size: int) -> None:
-        # Always a new buffer (never resized in place: a view may still be alive).
-        grown = bytearray(max(size, 2 * len(self._buffer), _MIN_BUFFER))
-        grown[: self._used] = memoryview(self._buffer)[: self._used]
-        self._buffer = grown
-
-    def _command_complete(self, context_id: int, forward: list[bytes]) -> list[bytes]:
-        fields = _parse_command(self._command)
-        pending, self._pending, self._command = self._pending, [], bytearray()
-        request = self._fast_request(fields, context_id) if fields is not None else None
-        if request is not None:
-            self._request, self._used, self._mode = request, 0, _FAST
-            return forward
-        # Not ours: pynetdicom gets the message exactly as received.
-        forward.extend(pending)
-        if fields is None or _us(fields, _DATASET_TYPE) == _NO_DATASET:
-            self._mode = _IDLE
-            self._forward(forward)
-            return []
-        self._mode = _LEGACY
-        return forward
-
-    def _fast_request(self, fields: dict[int, bytes], context_id: int) -> StoreRequest | None:
-        """The request if the fast path may serve it exactly as pynetdicom would, else None."""
-        assoc = self.assoc
-        message_id = _us(fields, _MESSAGE_ID)
-        if (
-            _us(fields, _COMMAND_FIELD) != _C_STORE_RQ
-            or _us(fields, _DATASET_TYPE) in (None, _NO_DATASET)
-            or message_id is None
-            or assoc._sent_release
-            or assoc.acceptor.accepted_common_extended
-            or _config.UNRESTRICTED_STORAGE_SERVICE
-            or _config.STORE_RECV_CHUNKED_DATASET
-        ):
-            return None
-        context = assoc._accepted_cx.get(context_id)
-        sop_class = _text(fields, _AFFECTED_SOP_CLASS)
-        if context is None or str(context.abstract_syntax) != sop_class:
-            return None
-        return StoreRequest(
-            context_id=context_id,
-            transfer_syntax=str(context.transfer_syntax[0]),
-            message_id=message_id,
-            sop_class_uid=sop_class,
-            sop_instance_uid=_text(fields, _AFFECTED_SOP_INSTANCE),
-        )
-
-    def _finish_store(self) -> None:
-        request, size = self._request, self._used
-        assert request is not None
-        self._request, self._used = None, 0
-        # The data set is lent to the store for the call only (the buffer is reused).
-        status, comment = self._store(self.assoc, request, memoryview(self._buffer)[:size])
-        if len(self._buffer) > _KEEP_BUFFER:
-            self._buffer = bytearray()
-        # Answer only on an association still in Sta6 (not aborted). Not ``is_established``:
-        # the association thread sets it only after the A-ASSOCIATE-AC has gone out, so a
-        # fast peer's first request can arrive before it is set.
-        if self.state_machine.current_state != "Sta6" or self.assoc.is_aborted:
-            return
-        sock = self.socket
-        if sock is None:
-            return
-        peer_max = int(self.assoc.requestor.maximum_length or 0)
-        for pdu in pdata_pdus(request.context_id, encode_store_rsp(request, status, comment),
-                              peer_max):
-            sock.send(pdu)
-
-
-class _Association(Association):
-    """pynetdicom's acceptor association whose reactor waits on an event, not a 1 ms sleep.
-
-    The DUL sets the event after every state machine action (a decoded DIMSE message, a
-    release or abort indication) and when it stops; the reactor re-checks at least every
-    ``_REACTOR_WAIT`` seconds for the network timeout.
-    """
-
-    def __init__(self, ae: AE, mode: str, store: StoreFunc) -> None:
-        super().__init__(ae, mode)
-        self._wakeup = threading.Event()
-        self.dul = _StoreDUL(self, store)
-        # The timeout setters configure the DUL's timers: apply them to the new one.
-        self.acse_timeout = self.acse_timeout
-        self.network_timeout = self.network_timeout
-
-    def wake(self) -> None:
-        self._wakeup.set()
-
-    def _run_reactor(self) -> None:
-        """``Association._run_reactor`` of pynetdicom 3.0.4, with ``time.sleep(0.001)``
-        replaced by the wait on :attr:`_wakeup` (the rest is the same logic, same order)."""
-        self._is_paused = False
-        while not self._kill:
-            self._wakeup.wait(_REACTOR_WAIT)
-            self._wakeup.clear()
-            self._is_paused = True
-            self._reactor_checkpoint.wait()
-            self._is_paused = False
-            context_id, msg = self.dimse.get_msg(block=False)
-            if msg:
-                self._serve_request(msg, int(context_id))  # type: ignore[arg-type]
-                self._wakeup.set()  # another message may already be queued
-            if self.is_established and self.acse.is_release_requested():
-                self.acse.send_release(is_response=True)
-                self.is_released = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_RELEASED, {})
-                self.kill()
-                return
-            if self.acse.is_aborted():
-                self.dul.receive_pdu(wait=False)  # so EVT_ACSE_RECV fires
-                self.is_aborted = True
-                self.is_established = False
-                evt.trigger(self, evt.EVT_ABORTED, {})
-                self.kill()
-                return
-            if not self.dul.is_alive():
-                self.kill()
-                return
-            if self.dul.idle_timer_expired():
-                logger.error("network timeout reached, aborting the association")
-                if self.network_timeout_response == "A-RELEASE":
-                    self._is_paused = True
-                    self._reactor_checkpoint.wait()
-                    self.release()
-                    self._is_paused = False
-                else:
-                    self.abort()
-                self.kill()
-                return
-
-
-def _copy_contexts(contexts: list[PresentationContext]) -> list[PresentationContext]:
-    """A per-association copy of the supported contexts, without pydicom re-validating every
-    UID as ``deepcopy`` does (negotiation reads them and builds new result contexts)."""
-    out = []
-    for cx in contexts:
-        new = copy.copy(cx)
-        new._transfer_syntax = list(cx._transfer_syntax)
-        out.append(new)
-    return out
-
-
-class _FastRequestHandler(RequestHandler):
-    """pynetdicom's request handler building a :class:`_Association` with a
-    :class:`_StoreDUL` (``RequestHandler._create_association`` of pynetdicom 3.0.4 otherwise)."""
-
-    server: _SharedSocketServer
-
-    def _create_association(self) -> Association:
-        server = self.server
-        assoc = _Association(self.ae, MODE_ACCEPTOR, server.scp.store_fast)
-        assoc._server = server
-        assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
-        sock = AssociationSocket(assoc, client_socket=self.request)
-        assoc.set_socket(sock)
-        assoc.acceptor.maximum_length = self.ae.maximum_pdu_size
-        assoc.acceptor.ae_title = server.ae_title
-        assoc.acceptor.address_info = self.local
-        assoc.acceptor.implementation_class_uid = self.ae.implementation_class_uid
-        assoc.acceptor.implementation_version_name = self.ae.implementation_version_name
-        assoc.acceptor.supported_contexts = _copy_contexts(server.contexts)
-        assoc.requestor.address_info = self.remote
-        handlers: dict[Any, Any] = server._handlers
-        for event, bound in handlers.items():
-            if event.is_intervention and bound:
-                assoc.bind(event, *bound)
-            elif isinstance(event, evt.NotificationEvent):
-                for handler in bound:
-                    assoc.bind(event, handler[0], handler[1])
-        return assoc
-
-
-class _SharedSocketServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server around an already listening (maybe shared) socket."""
-
-    daemon_threads = True
-
-    def __init__(self, listening: socket.socket, scp: StorageSCP) -> None:
-        self._listening = listening
-        self.scp = scp
-        self._accepted: deque[float] = deque()  # when recent connections were accepted
-        super().__init__(
-            scp.ae,
-            listening.getsockname(),
-            scp.ae_title,
-            scp.ae.supported_contexts,
-            None,
-            scp.handlers(),
-            request_handler=_FastRequestHandler,
-        )
-
-    def server_bind(self) -> None:
-        if self.socket is not None:
-            self.socket.close()
-        self.socket = self._listening
-        self.server_address = self.socket.getsockname()
-
-    def server_activate(self) -> None:
-        pass  # listening already
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        # Every process wakes for a new connection and the first to accept() wins, so the
-        # process already serving associations (awake, its accept thread hot) tends to win
-        # them all while the others idle: four associations from four storescu processes
-        # were measured landing on one of two processes. A process that is busy therefore
-        # lets the others go first: it waits a little per association it serves, then
-        # tries; if an idler process took the connection meanwhile, accept() raises
-        # BlockingIOError and socketserver moves on.
-        if self.scp.processes > 1:
-            # Associations just accepted may not have started their thread yet: count them.
-            now = time.monotonic()
-            while self._accepted and now - self._accepted[0] > _ACCEPT_RECENT:
-                self._accepted.popleft()
-            busy = max(len(self.active_associations), len(self._accepted))
-            if busy:
-                time.sleep(min(_ACCEPT_YIELD * busy, _ACCEPT_YIELD_MAX))
-        assert self.socket is not None
-        client, address = self.socket.accept()  # BlockingIOError when another process won
-        self._accepted.append(time.monotonic())
-        client.setblocking(True)
-        set_nodelay(client)
-        return client, address
-
-    def server_close(self) -> None:
-        # Close this process's descriptor only: shutdown() would stop the shared socket for
-        # every process.
-        if self.socket is not None:
-            self.socket.close()
+def ae_title_text(value: str | bytes | None) -> str:
+    """An AE title as the node logs and audits it: at most 16 characters of printable ASCII
+    (PS3.5 6.2: the default repertoire without control characters), anything else as ``?``,
+    so a title with a line break is one log line."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = (value or "").strip()[:16]
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 @dataclass
@@ -768,12 +79,13 @@ class StorageSCP:
         self._peer_ips: dict[str, set[str]] = {}
         self._stats: dict[int, _AssocStats] = {}
         self._lock = threading.Lock()
+        configure_pynetdicom()
         self.ae = self._build_ae(processes)
-        self.server: _SharedSocketServer | None = None
+        self.server: SharedSocketServer | None = None
 
     def _build_ae(self, processes: int) -> AE:
         cfg = self.settings.dicom
-        ae = AE(ae_title=self.ae_title)
+        ae = AcceptorAE(ae_title=self.ae_title)
         ae.supported_contexts = supported_contexts()
         ae.maximum_pdu_size = cfg.max_pdu
         ae.acse_timeout = cfg.acse_timeout
@@ -781,6 +93,16 @@ class StorageSCP:
         ae.network_timeout = cfg.network_timeout
         ae.maximum_associations = max(1, -(-cfg.max_associations // max(processes, 1)))
         return ae
+
+    def limits(self) -> Limits:
+        """This process's share of the per-connection limits ([dicom])."""
+        cfg = self.settings.dicom
+        return Limits(
+            first_pdu_timeout=cfg.first_pdu_timeout,
+            pdu_timeout=cfg.pdu_timeout,
+            max_pending=max(1, -(-cfg.pending_connections // max(self.processes, 1))),
+            max_instance=cfg.max_instance_mb << 20,
+        )
 
     # -- access control -----------------------------------------------------------------------
     def _resolve(self, host: str) -> set[str]:
@@ -796,6 +118,7 @@ class StorageSCP:
 
     def peer_allowed(self, calling_ae: str, address: str) -> bool:
         """Default-deny: *calling_ae* must be configured, and from its pinned host if any."""
+        # A title with characters ae_title_text replaces matches no configured peer.
         for peer in self._peers.get(calling_ae.strip(), []):
             if peer.host is None or address in self._resolve(peer.host):
                 return True
@@ -805,8 +128,8 @@ class StorageSCP:
         assoc = event.assoc
         rq = assoc.requestor.primitive
         assert rq is not None  # EVT_REQUESTED: the A-ASSOCIATE-RQ has been received
-        calling = (rq.calling_ae_title or "").strip()
-        called = (rq.called_ae_title or "").strip()
+        calling = ae_title_text(rq.calling_ae_title)
+        called = ae_title_text(rq.called_ae_title)
         address = assoc.requestor.address
         diagnostic = None
         if called != self.ae_title:
@@ -823,7 +146,7 @@ class StorageSCP:
 
         audit(
             self.receiver.db, self.receiver.data_dir, AuditKind.ASSOCIATION_REJECTED,
-            outcome="failure", actor=calling[:64], called_ae=called, address=address,
+            outcome="failure", actor=calling, called_ae=called, address=address,
             reason=reason,
         )
         assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, diagnostic)
@@ -861,6 +184,13 @@ class StorageSCP:
         )
         return int(status), comment
 
+    def store_oversized(self, assoc: Any, request: StoreRequest, size: int) -> tuple[int, str]:
+        """A C-STORE whose data set exceeded ``[dicom] max_instance_mb`` (the fast path
+        discarded it as it arrived): refused with an audit record."""
+        outcome = self.receiver.refuse_oversized(ae_title_text(assoc.requestor.ae_title), size)
+        self._stats_for(assoc).failed += 1
+        return int(outcome.status), outcome.comment
+
     def store(
         self,
         assoc: Any,
@@ -872,7 +202,7 @@ class StorageSCP:
     ) -> tuple[Status, str]:
         """Keep one received data set through the :class:`Receiver`; return the status and
         error comment to answer (never raises: no traceback, and no PHI, reaches the peer)."""
-        calling = (assoc.requestor.ae_title or "").strip()
+        calling = ae_title_text(assoc.requestor.ae_title)
         try:
             outcome = self.receiver.store(
                 raw(),
@@ -903,7 +233,7 @@ class StorageSCP:
         with self._lock:
             stats = self._stats.get(key)
             if stats is None:
-                stats = self._stats[key] = _AssocStats((assoc.requestor.ae_title or "").strip())
+                stats = self._stats[key] = _AssocStats(ae_title_text(assoc.requestor.ae_title))
             return stats
 
     def _on_conn_close(self, event: evt.Event) -> None:
@@ -935,37 +265,18 @@ class StorageSCP:
     # -- running ------------------------------------------------------------------------------
     def serve(self, listening: socket.socket) -> None:
         """Serve associations on *listening* until :meth:`stop` is called (blocks)."""
-        self.server = _SharedSocketServer(listening, self)
+        self.server = SharedSocketServer(
+            listening, self.ae, store=self.store_fast, oversized=self.store_oversized,
+            limits=self.limits(), handlers=self.handlers(), processes=self.processes,
+        )
         self.ae._servers.append(self.server)
         self.server.serve_forever(poll_interval=0.2)
 
     def stop(self, grace: float) -> int:
-        """Stop accepting, wait up to *grace* s for in-flight associations; return how many
-        had to be aborted."""
+        """Stop accepting and end every connection within about *grace* seconds; return how
+        many associations had to be aborted (see :meth:`SharedSocketServer.stop`: connections
+        not yet associated are closed at once, idle associations aborted)."""
         server = self.server
         if server is None:
             return 0
-        server.shutdown()
-        # A connection that has not sent its A-ASSOCIATE-RQ yet (Sta2) has nothing in flight
-        # but would hold shutdown for up to acse_timeout. Its socket is closed (the DUL sees
-        # the transport close, Evt17, and returns to Sta1; an A-ABORT is not valid in Sta2)
-        # and its association thread, waiting for the request, is woken as if the ACSE timer
-        # had expired, which ends it.
-        for assoc in list(server.active_associations):
-            if assoc.dul.state_machine.current_state != "Sta2":
-                continue
-            sock = assoc.dul.socket
-            raw = sock.socket if sock is not None else None
-            if raw is not None:
-                try:
-                    raw.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]  # "timed out"
-        deadline = time.monotonic() + grace
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        remaining = server.active_associations
-        for assoc in remaining:
-            assoc.abort()
-        return len(remaining)
+        return server.stop(grace)

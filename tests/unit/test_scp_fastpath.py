@@ -1,6 +1,6 @@
 """The SCP's fast C-STORE path and the receive path's group commit.
 
-The fast path (node.dicom.scp._StoreDUL) answers C-STOREs without pynetdicom's DIMSE layer,
+The fast path (node.dicom.fastpath._StoreDUL) answers C-STOREs without pynetdicom's DIMSE layer,
 so these tests hold it to pynetdicom: the same response bytes, the same statuses through a
 real pynetdicom SCU on loopback, fragmented PDUs, and pynetdicom's own path still serving
 what the fast path leaves to it (C-ECHO, everything with the fast path switched off).
@@ -29,11 +29,13 @@ from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from sqlalchemy import func, select
 
-import node.dicom.scp as scp_module
+import node.dicom.fastpath as fastpath_module
 from node.config import load_settings
 from node.deid.pseudonyms import uid_pseudonym
+from node.dicom.fastpath import StoreRequest, encode_store_rsp, pdata_pdus
 from node.dicom.receive import MAX_BATCH, Receiver, _GroupCommitter
-from node.dicom.scp import StorageSCP, StoreRequest, encode_store_rsp, listen_socket, pdata_pdus
+from node.dicom.scp import StorageSCP
+from node.dicom.sockets import listen_socket
 from node.dicom.status import Status
 from node.keys import NodeKeys
 from storage.db import Database
@@ -213,7 +215,7 @@ def test_fast_path_answers_refusals_with_status_and_comment(running: Running) ->
 def test_pynetdicom_path_when_fast_path_is_off(
     running: Running, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(scp_module, "FAST_STORE_PATH", False)
+    monkeypatch.setattr(fastpath_module, "FAST_STORE_PATH", False)
     ds = ct(FakeStudy(), 0, 96)
     assoc = scu(max_pdu=4096).associate("127.0.0.1", running.port, ae_title="FEDNODE")
     try:

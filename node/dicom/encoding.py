@@ -1,4 +1,5 @@
-"""Encoded DICOM datasets: walk, split and repair them without decoding values (PS3.5, PS3.10).
+"""Encoded DICOM datasets: walk, check, split and repair them without decoding values (PS3.5,
+PS3.10). The one walker of encoded DICOM in the node.
 
 :func:`parse` walks the encoded bytes of a dataset (PS3.5 Section 7: tag, VR, length; sequences
 item by item, defined or undefined length; encapsulated pixel data fragment by fragment) into
@@ -7,6 +8,13 @@ is converted: the de-identification engine copies kept elements as slices. An ex
 element that the data dictionary knows as a sequence, and an implicit VR element of unknown VR
 whose value starts with an item, are parsed as sequences encoded in Implicit VR Little Endian
 (PS3.5 6.2.2).
+
+:func:`check` is the same walk without building the records: the SCP runs it on every received
+dataset before acknowledging it (:mod:`node.dicom.inspect`), so a dataset is acknowledged only
+if the de-identifier's own walk accepts it (every item of every sequence, the same depth limit
+:data:`MAX_DEPTH`).
+
+The transfer syntax and VR constants here are the node's only copy.
 """
 
 from __future__ import annotations
@@ -16,14 +24,34 @@ import logging
 import struct
 import warnings
 import zlib
+from dataclasses import dataclass
 from typing import Final
 
 from pydicom._dicom_dict import DicomDictionary
 from pydicom.datadict import dictionary_VR
 
-from node.errors import DeidError
+from node.errors import InstanceTooLarge, MalformedDataset
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DEFLATED_LE",
+    "EXPLICIT_BE",
+    "EXPLICIT_LE",
+    "IMPLICIT_LE",
+    "LONG_VRS",
+    "MAX_DEPTH",
+    "Element",
+    "InstanceTooLarge",
+    "MalformedDataset",
+    "check",
+    "dictionary_vr",
+    "inflate",
+    "normalize",
+    "parse",
+    "split_part10",
+    "wrap",
+]
 
 IMPLICIT_LE: Final = "1.2.840.10008.1.2"
 EXPLICIT_LE: Final = "1.2.840.10008.1.2.1"
@@ -34,47 +62,37 @@ LONG_VRS = frozenset(
     {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 )
 """VRs with a reserved field and a 32-bit length in explicit VR encodings (PS3.5 7.1.2)."""
+_LONG_VRS_BYTES = frozenset(vr.encode() for vr in LONG_VRS)
 _VALID_VRS = frozenset(
     "AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL "
     "UN UR US UT UV".split()
 )
 _UNDEFINED = 0xFFFFFFFF
 _ITEM, _ITEM_END, _SEQ_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
-_MAX_DEPTH = 64
-
-
-class MalformedDataset(DeidError):
-    """The dataset's encoding is invalid (the message names offsets and tags, never values)."""
+MAX_DEPTH: Final = 64
+"""How deep sequence items may nest (the receive check and the de-identifier alike)."""
 
 
 # --------------------------------------------------------------------------------------------
 # Parsing
 
 
+@dataclass(slots=True)
 class Element:
-    """One encoded element: where it sits in the buffer, and its items if it is a sequence."""
+    """One encoded element: where it sits in the buffer, and its items if it is a sequence.
 
-    __slots__ = ("end", "implicit", "items", "start", "tag", "vend", "vr", "vstart")
+    ``start``/``end`` bound the whole element, ``vstart``/``vend`` its value; ``implicit``
+    says whether it is encoded in Implicit VR (a UN sequence inside an explicit dataset is).
+    """
 
-    def __init__(
-        self,
-        tag: int,
-        vr: str,
-        start: int,
-        vstart: int,
-        vend: int,
-        end: int,
-        items: list[list[Element]] | None,
-        implicit: bool,
-    ) -> None:
-        self.tag = tag
-        self.vr = vr
-        self.start = start
-        self.vstart = vstart
-        self.vend = vend
-        self.end = end
-        self.items = items
-        self.implicit = implicit
+    tag: int
+    vr: str
+    start: int
+    vstart: int
+    vend: int
+    end: int
+    items: list[list[Element]] | None
+    implicit: bool
 
 
 _VR_CACHE: dict[int, str] = {}
@@ -100,11 +118,25 @@ def dictionary_vr(tag: int) -> str:
 
 
 class _Parser:
-    """Walks encoded bytes into :class:`Element` trees (PS3.5 7.1, 7.5, 6.2.2)."""
+    """Walks encoded bytes into :class:`Element` trees (PS3.5 7.1, 7.5, 6.2.2).
 
-    def __init__(self, buf: bytes, little: bool) -> None:
+    With *build* false (:func:`check`) the walk is the same, element for element and with the
+    same errors, but records nothing except the top-level values of the tags in *wanted*.
+    """
+
+    def __init__(
+        self,
+        buf: bytes | bytearray | memoryview,
+        little: bool,
+        *,
+        build: bool = True,
+        wanted: frozenset[int] = frozenset(),
+    ) -> None:
         self.buf = buf
         self.little = little
+        self.build = build
+        self.wanted = wanted
+        self.found: dict[int, bytes] = {}
         e = "<" if little else ">"
         self.tag_len = struct.Struct(e + "HHL")
         self.tag_vr_short = struct.Struct(e + "HH2sH")
@@ -115,9 +147,11 @@ class _Parser:
         self, pos: int, end: int, implicit: bool, depth: int = 0, in_item: bool = False
     ) -> tuple[list[Element], int]:
         """Parse elements from *pos* up to *end* (or an item delimiter when *in_item*)."""
-        if depth > _MAX_DEPTH:
+        if depth > MAX_DEPTH:
             raise MalformedDataset("sequences nested too deeply")
         buf = self.buf
+        build = self.build
+        wanted = self.wanted if depth == 0 else ()
         out: list[Element] = []
         little = self.little or implicit
         tag_len = self.le_tag_len if implicit else self.tag_len
@@ -138,13 +172,10 @@ class _Parser:
                     if tag == _ITEM_END and in_item:
                         return out, pos + 8
                     raise MalformedDataset(f"unexpected delimiter at offset {pos}")
-                try:
-                    vr = vrb.decode("ascii")
-                except UnicodeDecodeError:
-                    vr = "??"
+                vr = _VR_NAMES.get(vrb, "??")
                 if vr not in _VALID_VRS:
                     raise MalformedDataset(f"invalid VR at offset {pos + 4}")
-                if vr in LONG_VRS:
+                if vrb in _LONG_VRS_BYTES:
                     if pos + 12 > end:
                         raise MalformedDataset(f"truncated element header at offset {pos}")
                     length = self.long_len.unpack_from(buf, pos + 8)[0]
@@ -165,7 +196,8 @@ class _Parser:
                     stop = self.encapsulated(vstart)
                 else:
                     raise MalformedDataset(f"undefined length on a {vr} element at offset {pos}")
-                out.append(Element(tag, vr, pos, vstart, stop - 8, stop, items, implicit))
+                if build:
+                    out.append(Element(tag, vr, pos, vstart, stop - 8, stop, items, implicit))
                 pos = stop
                 continue
             vend = vstart + length
@@ -185,7 +217,10 @@ class _Parser:
                         vr = "SQ"
                     except MalformedDataset:
                         items = None
-            out.append(Element(tag, vr, pos, vstart, vend, vend, items, implicit))
+            if build:
+                out.append(Element(tag, vr, pos, vstart, vend, vend, items, implicit))
+            elif tag in wanted:
+                self.found[tag] = bytes(buf[vstart:vend])
             pos = vend
         if in_item:
             if end == len(buf) or pos > end:
@@ -244,12 +279,37 @@ class _Parser:
                 raise MalformedDataset("pixel data fragment runs past the end of the data")
 
 
+_VR_NAMES: dict[bytes, str] = {vr.encode(): vr for vr in _VALID_VRS}
+
+
 def parse(buf: bytes, transfer_syntax: str) -> list[Element]:
-    """Parse a dataset (no preamble, no File Meta) encoded in *transfer_syntax*."""
+    """Parse a dataset (no preamble, no File Meta) encoded in *transfer_syntax*.
+
+    Raises
+    ------
+    MalformedDataset
+        If the bytes are not a well-formed dataset in that transfer syntax (the message names
+        offsets, never values).
+    """
     implicit = transfer_syntax == IMPLICIT_LE
     little = transfer_syntax != EXPLICIT_BE
     elems, _ = _Parser(buf, little).dataset(0, len(buf), implicit)
     return elems
+
+
+def check(
+    buf: bytes | bytearray | memoryview, transfer_syntax: str, wanted: frozenset[int]
+) -> dict[int, bytes]:
+    """Walk a dataset as :func:`parse` does (same rules, same errors) without building it;
+    return the raw values of the top-level elements whose tags are in *wanted*.
+
+    *transfer_syntax* must not be deflated (:func:`inflate` first).
+    """
+    implicit = transfer_syntax == IMPLICIT_LE
+    little = transfer_syntax != EXPLICIT_BE
+    parser = _Parser(buf, little, build=False, wanted=wanted)
+    parser.dataset(0, len(buf), implicit)
+    return parser.found
 
 
 # --------------------------------------------------------------------------------------------
@@ -269,8 +329,7 @@ def split_part10(data: bytes) -> tuple[bytes, str]:
         while pos + 8 <= len(data) and data[pos : pos + 2] == b"\x02\x00":
             elem = struct.unpack_from("<H", data, pos + 2)[0]
             vr = data[pos + 4 : pos + 6]
-            if vr in (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR",
-                      b"UT", b"UV", b"SV"):
+            if vr in _LONG_VRS_BYTES:
                 length = struct.unpack_from("<L", data, pos + 8)[0]
                 vstart = pos + 12
             elif vr.isalpha() and vr.isupper():
@@ -335,9 +394,21 @@ def wrap(raw: bytes, syntax: str) -> bytes:
     return b"\x00" * 128 + b"DICM" + length + ts + raw
 
 
-def inflate(body: bytes) -> bytes:
-    """Inflate a Deflated Explicit VR Little Endian dataset (PS3.5 A.5, RFC 1951)."""
+def inflate(body: bytes | bytearray | memoryview, limit: int | None = None) -> bytes:
+    """Inflate a Deflated Explicit VR Little Endian dataset (PS3.5 A.5, RFC 1951).
+
+    With *limit*, never produce more than *limit* bytes: a dataset that would inflate beyond
+    it raises :class:`InstanceTooLarge` (a deflate bomb is refused, not inflated).
+    """
+    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
     try:
-        return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body)
+        if limit is None:
+            return inflater.decompress(body) + inflater.flush()
+        out = inflater.decompress(body, limit + 1)
+        if len(out) <= limit and not inflater.unconsumed_tail:
+            out += inflater.flush()
+        if len(out) > limit or inflater.unconsumed_tail:
+            raise InstanceTooLarge(f"the deflated dataset inflates beyond {limit} bytes")
+        return out
     except zlib.error as exc:
         raise MalformedDataset("the deflated dataset cannot be inflated") from exc
