@@ -199,7 +199,9 @@ def test_a_bundle_that_was_not_approved_does_not_run(deployment, tmp_path: Path)
     (app / "pyproject.toml").write_text(toml.replace('version = "1.0.0"', 'version = "1.0.1"'))
     artifacts = tmp_path / "artifacts"
     run_id = _start_run(
-        coord, app, f'num-rounds=1 min-nodes=2 local-epochs=1 artifact-dir="{artifacts}"'
+        coord,
+        app,
+        f'num-rounds=1 min-nodes=2 local-epochs=1 secagg=false artifact-dir="{artifacts}"',
     )
     status = _wait_run(coord, run_id, 300)
     assert status.startswith("finished")

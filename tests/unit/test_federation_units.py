@@ -143,3 +143,51 @@ def test_approvals_by_file_and_by_hash(settings: Settings, tmp_path: Path) -> No
         approve(settings, "not-a-hash")
     path.write_text("{broken")
     assert not is_approved(path, digest)  # an unreadable file approves nothing
+
+
+def test_local_dp_mod_adds_noise_of_sigma_times_the_clipping_norm(tmp_path: Path) -> None:
+    import numpy as np
+
+    from node.federated.env import quiet_flower
+
+    quiet_flower()
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.app import Context, Message, RecordDict
+    from flwr.app.message_type import MessageType
+    from flwr.common import (
+        Code,
+        FitIns,
+        FitRes,
+        Status,
+        ndarrays_to_parameters,
+        parameters_to_ndarrays,
+    )
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from node.federated.client import node_local_dp_mod
+
+    config = tmp_path / "fednode.toml"
+    config.write_text(
+        f'[node]\ndata_dir = "{tmp_path}"\n\n[federation]\nlocal_dp_noise_multiplier = 0.5\n'
+    )
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 1, 0
+    before = [np.zeros(20000, dtype=np.float32)]
+    after = [np.full(20000, 0.001, dtype=np.float32)]
+    ins = FitIns(ndarrays_to_parameters(before), {"clipping_norm": 2.0})
+    msg = Message(compat.fitins_to_recorddict(ins, keep_input=True), 2, MessageType.TRAIN)
+
+    def call_next(m: Message, c: Context) -> Message:
+        res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(after), 10, {})
+        return Message(compat.fitres_to_recorddict(res, keep_input=True), reply_to=m)
+
+    def context(path: Path | None) -> Context:
+        cfg = {"fednode-config": str(path)} if path else {}
+        return Context(run_id=1, node_id=2, node_config=cfg, state=RecordDict(), run_config={})
+
+    out = node_local_dp_mod(msg, context(config), call_next)
+    sent = parameters_to_ndarrays(compat.recorddict_to_fitres(out.content, True).parameters)[0]
+    noise = sent - after[0]
+    assert abs(float(noise.std()) - 0.5 * 2.0) < 0.05 and abs(float(noise.mean())) < 0.05
+    plain = node_local_dp_mod(msg, context(None), call_next)  # no node config: no local DP
+    sent = parameters_to_ndarrays(compat.recorddict_to_fitres(plain.content, True).parameters)[0]
+    assert np.array_equal(sent, after[0])
