@@ -25,6 +25,7 @@ it after that.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -109,7 +110,8 @@ def deidentify_batch(
     jobs: list[tuple[Job, DeidentifyPayload]], ctx: JobContext
 ) -> list[BaseException | None]:
     """Handle up to :data:`BATCH_JOBS` ``deidentify`` jobs: each instance is de-identified
-    and its blob stored as by :func:`deidentify_job`, then every instance of the batch is
+    as by :func:`deidentify_job`, the batch's blobs are stored with their syncs issued
+    together (:meth:`storage.blobs.BlobStore.put_many`), then every instance of the batch is
     recorded in **one** transaction (one turn of SQLite's write lock and one commit for the
     batch, instead of one per instance, while the SCP's commits wait for the same lock).
 
@@ -122,7 +124,7 @@ def deidentify_batch(
     for i, (job, payload) in enumerate(jobs):
         try:
             item = _guarded(job, ctx, payload.instance_id,
-                            partial(_prepare, ctx, payload.instance_id))
+                            partial(_prepare, ctx, payload.instance_id, store_blob=False))
         except Exception as exc:
             outcomes[i] = exc
             continue
@@ -130,6 +132,15 @@ def deidentify_batch(
             ready.append((i, job, item))
     if not ready:
         return outcomes
+    try:  # the batch's blobs are synced together, not one fsync pair per instance
+        digests = ctx.blobs.put_many([item.result.data for _, _, item in ready])
+    except StorageError as exc:
+        for i, job, item in ready:
+            outcomes[i] = exc
+            _mark_failed_if_last(job, ctx, item.instance_id)
+        return outcomes
+    ready = [(i, job, dataclasses.replace(item, digest=digest))
+             for (i, job, item), digest in zip(ready, digests, strict=True)]
     try:
         _commit(ctx, [item for _, _, item in ready])
         committed = ready
@@ -187,8 +198,11 @@ class _Prepared:
     digest: str
 
 
-def _prepare(ctx: JobContext, instance_id: int) -> _Prepared | None:
-    """Steps 1-4 (no write transaction); ``None`` when nothing is left to record."""
+def _prepare(
+    ctx: JobContext, instance_id: int, *, store_blob: bool = True
+) -> _Prepared | None:
+    """Steps 1-4 (no write transaction); ``None`` when nothing is left to record. Without
+    *store_blob* the caller stores the blob (``digest`` is empty until then)."""
     with ctx.db.read() as conn:
         row = conn.execute(
             select(
@@ -230,7 +244,7 @@ def _prepare(ctx: JobContext, instance_id: int) -> _Prepared | None:
         raise PermanentJobError(
             f"instance {instance_id}: the dataset's UIDs differ from those it was received under"
         )
-    digest = ctx.blobs.put(result.data)
+    digest = ctx.blobs.put(result.data) if store_blob else ""
     return _Prepared(instance_id, study_key, series_key, spool_name, result, digest)
 
 

@@ -232,3 +232,16 @@ def test_a_batch_killed_mid_way_loses_nothing_and_records_each_instance_once(
     assert deid == 6 and audits == 6  # each instance recorded exactly once
     for r in rows:
         assert not ctx.spool.exists(r.spool_name)
+
+
+def test_blobs_stored_together_are_whole_and_leave_no_temporary_file(tmp_path: Path) -> None:
+    from storage.blobs import BlobStore
+
+    blobs = BlobStore(tmp_path / "blobs")
+    datas = [os.urandom(1000 + i) for i in range(5)] + [b"same", b"same"]
+    digests = blobs.put_many(datas)
+    assert len(digests) == 7 and digests[5] == digests[6]
+    assert [blobs.get(d) for d in digests] == datas
+    assert blobs.put_many(datas) == digests  # idempotent
+    leftovers = [p for p in (tmp_path / "blobs").rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
