@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from node.config import WorkersSection
-from node.jobs import PERIODIC, Handler, JobContext, PermanentJobError
+from node.jobs import COMPLETED, PERIODIC, Handler, JobContext, PermanentJobError
 from node.stopflag import StopFlag
 from storage.audit import AuditKind
 from storage.errors import StorageError
@@ -205,17 +205,24 @@ class Worker:
         started = time.monotonic()
         try:
             outcomes = handler.run_batch(jobs, self.ctx)
-            done = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
-            for job, ok in zip(done, self.ctx.queue.complete_many(done), strict=True):
-                if ok:
+            pairs = list(zip(jobs, outcomes, strict=True))
+            done = [job for job, outcome in pairs if outcome is None]
+            completed = dict.fromkeys(
+                (job.id for job, outcome in pairs if outcome is COMPLETED), True)
+            completed.update(zip((j.id for j in done), self.ctx.queue.complete_many(done),
+                                 strict=True))
+            for job, _ in pairs:
+                if job.id not in completed:
+                    continue
+                if completed[job.id]:
                     logger.info("job %d (%s) done in a batch of %d in %.3f s",
                                 job.id, job.kind, len(jobs), time.monotonic() - started)
                 else:
                     logger.warning("job %d (%s) finished after its lease was lost",
                                    job.id, job.kind)
-            self.held = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome]
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                if outcome is None:
+            self.held = [job for job, outcome in pairs if isinstance(outcome, BaseException)]
+            for job, outcome in pairs:
+                if not isinstance(outcome, BaseException):
                     continue
                 if isinstance(outcome, PermanentJobError):
                     self._fail(job, str(outcome), permanent=True)

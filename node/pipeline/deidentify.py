@@ -43,9 +43,11 @@ from node.deid import vault
 from node.deid.engine import Deidentifier, DeidResult
 from node.errors import MalformedDataset, RejectedInstance
 from node.jobs import (
+    COMPLETED,
     DeidentifyPayload,
     JobContext,
     JobKind,
+    Outcome,
     PermanentJobError,
     periodic,
     register,
@@ -56,6 +58,7 @@ from node.logs import short_key
 from storage.audit import AuditKind, record
 from storage.errors import StorageError
 from storage.models import AuditEvent, DeidInstance, Instance, Series, Study
+from storage.queue import SqlQueue
 from storage.records import InstanceState, Job, StudyState
 
 logger = logging.getLogger(__name__)
@@ -66,7 +69,7 @@ orphan spool items."""
 # A spool item no row names is an orphan once this old (see remove_orphan_spool).
 ORPHAN_AGE_SECONDS = 3600.0
 _IN_CHUNK = 500
-BATCH_JOBS = 32
+BATCH_JOBS = 64
 """Most ``deidentify`` jobs a worker leases and records in one go (see deidentify_batch)."""
 T = TypeVar("T")
 
@@ -108,7 +111,7 @@ def deidentify_job(job: Job, payload: DeidentifyPayload, ctx: JobContext) -> Non
 @register_batch(JobKind.DEIDENTIFY, max_jobs=BATCH_JOBS)
 def deidentify_batch(
     jobs: list[tuple[Job, DeidentifyPayload]], ctx: JobContext
-) -> list[BaseException | None]:
+) -> list[Outcome]:
     """Handle up to :data:`BATCH_JOBS` ``deidentify`` jobs: each instance is de-identified
     as by :func:`deidentify_job`, the batch's blobs are stored with their syncs issued
     together (:meth:`storage.blobs.BlobStore.put_many`), then every instance of the batch is
@@ -119,7 +122,7 @@ def deidentify_batch(
     instance is recorded in a transaction of its own, so that one bad row fails only its
     own job. Outcomes are per job, as :class:`node.jobs.BatchFunction` says.
     """
-    outcomes: list[BaseException | None] = [None] * len(jobs)
+    outcomes: list[Outcome] = [None] * len(jobs)
     ready: list[tuple[int, Job, _Prepared]] = []
     for i, (job, payload) in enumerate(jobs):
         try:
@@ -141,9 +144,11 @@ def deidentify_batch(
         return outcomes
     ready = [(i, job, dataclasses.replace(item, digest=digest))
              for (i, job, item), digest in zip(ready, digests, strict=True)]
-    try:
-        _commit(ctx, [item for _, _, item in ready])
+    try:  # the jobs are completed in the transaction that records them
+        completed = _commit(ctx, [item for _, _, item in ready], [job for _, job, _ in ready])
         committed = ready
+        for (i, _, _), ok in zip(ready, completed, strict=True):
+            outcomes[i] = COMPLETED if ok else None
     except StorageError as exc:  # the database is unavailable: every job retries
         for i, job, item in ready:
             outcomes[i] = exc
@@ -248,10 +253,16 @@ def _prepare(
     return _Prepared(instance_id, study_key, series_key, spool_name, result, digest)
 
 
-def _commit(ctx: JobContext, items: list[_Prepared]) -> None:
-    """Step 5 for every item, in one transaction."""
+def _commit(
+    ctx: JobContext, items: list[_Prepared], jobs: list[Job] | None = None
+) -> list[bool]:
+    """Step 5 for every item, in one transaction; with *jobs* (a batch's, from the SQL
+    queue), the jobs are completed in it too (returns which ones were still leased)."""
     with ctx.db.transaction() as conn:
         _record_batch(conn, ctx, items)
+        if jobs and isinstance(ctx.queue, SqlQueue):
+            return ctx.queue.complete_many(jobs, session=conn)
+    return [False] * len(jobs or ())
 
 
 def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> None:
