@@ -6,6 +6,8 @@ two equal).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 TEMPLATE = """\
 # fednode configuration (TOML).
 #
@@ -40,6 +42,16 @@ processes = 0
 free_space_floor_mb = 1024
 # On SIGTERM, seconds to let in-flight associations and jobs finish.
 shutdown_grace_seconds = 30
+# Peers are not trusted before they associate: a new connection has first_pdu_timeout s to
+# send its A-ASSOCIATE-RQ, every PDU must arrive within pdu_timeout s of its first byte, and
+# at most max_pending_connections connections may wait unassociated (0 = half of
+# max_associations; beyond it the oldest is closed).
+first_pdu_timeout = 10
+pdu_timeout = 30
+max_pending_connections = 0
+# Largest instance received, and largest a deflated one may inflate to, MiB (beyond: 0xA700).
+max_instance_mb = 1024
+max_inflated_mb = 256
 
 # Peers allowed to associate (default-deny). One [[dicom.peers]] block per calling AE title;
 # `host` pins it to an IP address or host name; `port` is the peer's own SCP port (used to send
@@ -116,6 +128,36 @@ enabled = ["chest_xray"]
 # A study is complete (and its tasks run) after no instance arrived for this many seconds.
 quiet_period_seconds = 300
 
+[inference]
+# The model owner's encrypted-inference service (only ciphertexts are sent to it) and the file
+# with this node's token (issued by the service's administrator: `fednode inference-server
+# token issue NODE`). Without a server, studies wait in the "infer" queue.
+# server = "https://models.example.org:8443"
+# token_file = "/etc/fednode/inference.token"
+# A new CKKS key per task after this many days (results keep the id of their key).
+key_rotation_days = 30
+
+[export]
+# Structured Reports (DICOM TID 1500) of each result, sent back to the PACS by C-STORE, filed
+# under the original patient and study. "comprehensive-3d" (Comprehensive 3D SR) or "enhanced"
+# (Enhanced SR, for a PACS that does not store Comprehensive 3D SR).
+sr_format = "comprehensive-3d"
+# C-STORE attempts per destination before the delivery is dead-lettered (retry delays follow
+# backoff_seconds of the workers section, doubling); `fednode exports retry` re-queues them.
+max_attempts = 12
+# Association and DIMSE timeout towards a destination, seconds.
+timeout_seconds = 30
+# Hours an acknowledged SR stays in the encrypted outbox before it is deleted.
+retention_hours = 72
+# Where reports go: one block per destination, with ae_title, host and port, or with
+# peer = the AE title of a [[dicom.peers]] entry that has host and port. None: reports stay in
+# the encrypted outbox.
+# [[export.destinations]]
+# name = "pacs"
+# ae_title = "PACS"
+# host = "10.0.0.5"
+# port = 104
+
 [logging]
 # DEBUG, INFO, WARNING or ERROR; format "text" or "json". Logs never contain patient data.
 level = "INFO"
@@ -124,7 +166,7 @@ format = "text"
 
 PEER_BLOCK = """[[dicom.peers]]
 ae_title = "{ae_title}"
-{host_line}"""
+{host_line}{port_line}"""
 
 
 def render(
@@ -133,13 +175,19 @@ def render(
     data_dir: str = "fednode-data",
     host: str = "0.0.0.0",
     port: int = 11112,
-    peers: list[tuple[str, str | None]] | None = None,
+    peers: Sequence[tuple[str, str | None] | tuple[str, str | None, int | None]] | None = None,
 ) -> str:
-    """The commented config with these values filled in."""
+    """The commented config with these values filled in (peers as ``(ae, host)`` or
+    ``(ae, host, port)``; values already validated)."""
     blocks = []
-    for peer_ae, peer_host in peers or []:
+    for peer in peers or []:
+        peer_ae, peer_host = peer[0], peer[1]
+        peer_port = peer[2] if len(peer) > 2 else None
         host_line = f'host = "{peer_host}"\n' if peer_host else ""
-        blocks.append(PEER_BLOCK.format(ae_title=peer_ae, host_line=host_line))
+        port_line = f"port = {peer_port}\n" if peer_port else ""
+        blocks.append(
+            PEER_BLOCK.format(ae_title=peer_ae, host_line=host_line, port_line=port_line)
+        )
     if not blocks:
         blocks.append('# [[dicom.peers]]\n# ae_title = "PACS"\n# host = "10.0.0.5"\n# port = 104\n')
     return TEMPLATE.format(

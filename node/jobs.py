@@ -313,7 +313,13 @@ class Sweep:
 PERIODIC: dict[str, Sweep] = {}
 """Sweeps the workers run every so many seconds, by name."""
 
-HANDLER_MODULES: tuple[str, ...] = ("node.pipeline.assemble", "node.pipeline.deidentify")
+HANDLER_MODULES: tuple[str, ...] = (
+    "node.pipeline.assemble",
+    "node.pipeline.deidentify",
+    "node.pipeline.report",
+    "node.pipeline.export",
+    "node.pipeline.infer",
+)
 """Modules that register handlers and sweeps when imported; each stage adds its module here."""
 
 

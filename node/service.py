@@ -51,24 +51,31 @@ def _die_with_parent() -> None:
         pass
 
 
-def preflight(settings: Settings) -> None:
-    """Everything ``serve`` checks before it listens; raises a NodeError/StorageError."""
+def preflight(settings: Settings, *, check_only: bool = False) -> None:
+    """Everything ``serve`` checks before it listens; raises a NodeError/StorageError.
+
+    With *check_only* (``fednode config check``) nothing is created or recorded.
+    """
     from node.jobs import load_handlers
-    from node.keys import load_keys
+    from node.keycheck import verify_master_secret
+    from node.keys import NodeKeys, load_master_secret
     from node.runtime import open_database
 
-    load_keys(settings.secret_path)
+    master = load_master_secret(settings.secret_path)
+    NodeKeys.from_master(master)
     db = open_database(settings)
     try:
         db.check_reachable()
         db.check_migrated()
+        verify_master_secret(db, master, record=not check_only)
     finally:
         db.dispose()
     load_handlers()
     from node.tasks import load_tasks
 
     load_tasks(settings)
-    settings.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not check_only:
+        settings.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -116,6 +123,8 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
         site_key=ctx.keys.site,
         data_dir=settings.data_dir,
         free_space_floor_bytes=settings.dicom.free_space_floor_mb * 1024 * 1024,
+        max_instance_bytes=settings.dicom.max_instance_mb << 20,
+        max_inflated_bytes=settings.dicom.max_inflated_mb << 20,
     )
     scp = StorageSCP(settings, receiver, processes=processes)
     ctx.db.warm_up()

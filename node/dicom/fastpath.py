@@ -68,6 +68,45 @@ _REACTOR_WAIT = 0.05
 # How long a process with N associations waits before accepting one more (see get_request).
 _ACCEPT_YIELD, _ACCEPT_YIELD_MAX, _ACCEPT_RECENT = 0.01, 0.05, 0.5
 
+MAX_ASSOCIATE_RQ = 256 << 10
+"""The largest A-ASSOCIATE-RQ (and any other non-P-DATA PDU) read, bytes: 128 presentation
+contexts with a dozen transfer syntaxes each and a 64 KiB user identity fit in it."""
+_MAX_COMMAND = 64 << 10  # a DIMSE command set is a few hundred bytes (PS3.7 9.3, 10.3)
+_READ_CHUNK = 64 << 10  # PDU bodies are read (and allocated) this much at a time
+_GROW_STEP = 8 << 20  # the data set buffer grows by at most this much ahead of the bytes
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a peer may do before and while it is trusted (per SCP process).
+
+    Attributes
+    ----------
+    first_pdu_timeout
+        Seconds from the TCP connection until its A-ASSOCIATE-RQ has been read completely
+        (the ARTIM timer of PS3.8 9.1.5, also the longest wait for the peer to close after
+        an A-ABORT or A-RELEASE-RP).
+    pdu_timeout
+        Seconds one PDU may take from its first byte to its last (the progress deadline of
+        every read; between PDUs the idle limit is ``network_timeout``).
+    max_pending
+        Connections of this process that have not yet sent their A-ASSOCIATE-RQ; when one
+        more arrives, the oldest of them is closed. They do not count against the
+        association limit.
+    max_instance
+        Largest data set received, bytes: beyond it the fragments are discarded as they
+        arrive and the C-STORE is answered with a failure.
+    """
+
+    first_pdu_timeout: float = 10.0
+    pdu_timeout: float = 30.0
+    max_pending: int = 8
+    max_instance: int = 1 << 30
+
+
+class _Timeout(Exception):
+    """The peer did not send a PDU (or the first PDU) within its deadline."""
+
 
 # -- the fast data phase (module docstring) ---------------------------------------------------
 _PDU_HEADER = struct.Struct(">BBL")
@@ -83,7 +122,8 @@ _STATUS, _ERROR_COMMENT, _AFFECTED_SOP_INSTANCE = 0x0900, 0x0902, 0x1000
 
 
 class _InvalidPData(Exception):
-    """A P-DATA-TF PDU that breaks PS3.8 9.3.5 / Annex E framing (answered with Evt19)."""
+    """A P-DATA-TF PDU that breaks PS3.8 9.3.5 / Annex E framing or a limit (answered with
+    Evt19: A-ABORT)."""
 
 
 class _Closed(Exception):
@@ -102,6 +142,7 @@ class StoreRequest:
 
 
 StoreFunc = Callable[[Any, StoreRequest, memoryview], tuple[int, str]]
+OversizedFunc = Callable[[Any, StoreRequest, int], tuple[int, str]]
 
 
 def _parse_command(buf: bytes | bytearray) -> dict[int, bytes] | None:
@@ -176,12 +217,32 @@ class _StoreDUL(DULServiceProvider):
     """pynetdicom's DUL provider, event-driven, with the fast C-STORE path in its thread.
 
     *store* is called in this thread with the association, the request and a view of the
-    data set (valid during the call only), and returns the status and error comment to answer.
+    data set (valid during the call only), and returns the status and error comment to answer;
+    *oversized* likewise for a data set larger than ``limits.max_instance`` (its fragments were
+    discarded as they arrived), with the number of bytes received.
+
+    No read trusts a length the peer announces: a PDU body is read (and its memory allocated)
+    as its bytes arrive, an A-ASSOCIATE-RQ or any other non-P-DATA PDU is capped at
+    :data:`MAX_ASSOCIATE_RQ`, a P-DATA-TF at the maximum length the node negotiated (PS3.8
+    D.1), a data set at ``limits.max_instance``, and every PDU must arrive within
+    ``limits.pdu_timeout`` (the first within ``limits.first_pdu_timeout`` of the connection).
     """
 
-    def __init__(self, assoc: Association, store: StoreFunc) -> None:
+    def __init__(
+        self, assoc: Association, store: StoreFunc, oversized: OversizedFunc, limits: Limits
+    ) -> None:
         super().__init__(assoc)
         self._store = store
+        self._oversized = oversized
+        self.limits = limits
+        self.connected_at = time.monotonic()
+        self.last_progress = self.connected_at  # when a byte last arrived
+        self.busy = False  # a store is being handled in this thread
+        self.evicted = False  # closed by the server to make room (see SharedSocketServer)
+        self._deadline = float("inf")
+        self._received = 0  # bytes of the current fast data set, kept or discarded
+        self._discarding = False
+        self._legacy_bytes = 0
         # A pipe other threads write to wake the reactor out of poll(); it exists while the
         # reactor runs (created and closed in its thread, under the lock: a descriptor number
         # written to after close could belong to another file by then).
@@ -263,7 +324,13 @@ class _StoreDUL(DULServiceProvider):
                     event = self.event_queue.get(block=False)
                 except queue.Empty:
                     continue
+                before = self.state_machine.current_state
                 self.state_machine.do_action(event)
+                if before == "Sta2" and self.state_machine.current_state not in ("Sta2", "Sta3"):
+                    # The connection ended before its A-ASSOCIATE-RQ (closed, ARTIM expired,
+                    # a PDU refused): the association thread waiting for the request must not
+                    # wait out the ACSE timeout. None is "timed out" to it.
+                    self.to_user_queue.put(None)  # type: ignore[arg-type]
                 wake = getattr(self.assoc, "wake", None)
                 if wake is not None:
                     wake()
@@ -313,29 +380,81 @@ class _StoreDUL(DULServiceProvider):
         return False
 
     # -- reading --------------------------------------------------------------------------
+    @property
+    def pending(self) -> bool:
+        """Connected, no A-ASSOCIATE-RQ read yet (and not already closed to make room)."""
+        return (
+            not self.evicted
+            and self.state_machine.current_state in ("Sta1", "Sta2")
+            and self.assoc.requestor.primitive is None
+            and not self.assoc._kill
+        )
+
+    def close_transport(self) -> None:
+        """Shut the socket down (from any thread): a blocked read returns at once (Evt17)."""
+        sock = self.socket.socket if self.socket is not None else None
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self._wake()
+
     def _recv_into(self, view: memoryview) -> None:
-        """Fill *view* from the socket; :class:`_Closed` if the peer closes or it fails."""
+        """Fill *view* from the socket before :attr:`_deadline`; :class:`_Closed` if the peer
+        closes or it fails, :class:`_Timeout` when the deadline passes."""
         sock = self.socket.socket if self.socket is not None else None
         if sock is None:
             raise _Closed
         got, want = 0, len(view)
         try:
             while got < want:
+                left = self._deadline - time.monotonic()
+                if left <= 0:
+                    raise _Timeout
+                sock.settimeout(left)
                 n = sock.recv_into(view[got:], want - got)
                 if not n:
                     raise _Closed
                 got += n
+        except TimeoutError as exc:
+            raise _Timeout from exc
         except OSError as exc:
             raise _Closed from exc
+        self.last_progress = time.monotonic()
 
     def _recv_bytes(self, size: int) -> bytearray:
-        data = bytearray(size)
-        self._recv_into(memoryview(data))
+        """*size* bytes, allocated as they arrive (never the announced size up front)."""
+        if size <= _READ_CHUNK:
+            data = bytearray(size)
+            self._recv_into(memoryview(data))
+            return data
+        data = bytearray()
+        chunk = bytearray(_READ_CHUNK)
+        view = memoryview(chunk)
+        while len(data) < size:
+            n = min(_READ_CHUNK, size - len(data))
+            self._recv_into(view[:n])
+            data += view[:n]
         return data
+
+    def _skip(self, size: int) -> None:
+        """Read and drop *size* bytes (a data set beyond the size limit)."""
+        chunk = memoryview(bytearray(min(size, _READ_CHUNK) or 1))
+        while size:
+            n = min(size, len(chunk))
+            self._recv_into(chunk[:n])
+            size -= n
 
     def _read_pdu_data(self) -> None:
         """As pynetdicom's (the same events on the same errors), reading each PDU whole, or
-        a P-DATA-TF PDV by PDV with data set fragments straight into the message buffer."""
+        a P-DATA-TF PDV by PDV with data set fragments straight into the message buffer,
+        within the limits (class docstring)."""
+        limits = self.limits
+        state = self.state_machine.current_state
+        self._deadline = time.monotonic() + limits.pdu_timeout
+        if state in ("Sta1", "Sta2"):
+            self._deadline = min(self._deadline, self.connected_at + limits.first_pdu_timeout)
         try:
             self._recv_into(memoryview(self._header))
             pdu_type, _, length = _PDU_HEADER.unpack(self._header)
@@ -343,19 +462,35 @@ class _StoreDUL(DULServiceProvider):
                 logger.error("unknown PDU type 0x%02X received", pdu_type)
                 self.event_queue.put("Evt19")
                 return
-            if (
-                pdu_type == _P_DATA_TF
-                and FAST_STORE_PATH
-                and self.state_machine.current_state == "Sta6"
-            ):
-                self._read_pdata(length)
-                return
+            if pdu_type == _P_DATA_TF:
+                cap = int(self.assoc.acceptor.maximum_length or 0)
+                if cap and length > cap:
+                    raise _InvalidPData(
+                        f"a P-DATA-TF of {length} bytes exceeds the negotiated maximum {cap}"
+                    )
+                if FAST_STORE_PATH and state == "Sta6":
+                    self._read_pdata(length)
+                    return
+            elif length > MAX_ASSOCIATE_RQ:
+                raise _InvalidPData(
+                    f"a PDU of type 0x{pdu_type:02X} announces {length} bytes "
+                    f"(at most {MAX_ASSOCIATE_RQ} read)"
+                )
             body = self._recv_bytes(length)
         except _Closed:
             self.event_queue.put("Evt17")  # closed (or broken) inside a PDU
             return
+        except _Timeout:
+            logger.warning(
+                "closing a connection: no complete PDU within %s s (state %s)",
+                limits.first_pdu_timeout if state in ("Sta1", "Sta2") else limits.pdu_timeout,
+                state,
+            )
+            self.close_transport()
+            self.event_queue.put("Evt17")
+            return
         except _InvalidPData as exc:
-            logger.error("invalid P-DATA-TF PDU: %s", exc)
+            logger.error("invalid PDU: %s", exc)
             self.event_queue.put("Evt19")
             return
         self._to_pynetdicom(bytes(self._header) + body)
@@ -401,11 +536,7 @@ class _StoreDUL(DULServiceProvider):
                 assert request is not None
                 if is_command or context_id != request.context_id:
                     raise _InvalidPData("a command or another context inside a data set")
-                end = self._used + size
-                if end > len(self._buffer):
-                    self._grow(end)
-                self._recv_into(memoryview(self._buffer)[self._used : end])
-                self._used = end
+                self._receive_fragment(size)
                 if last:
                     self._mode = _IDLE
                     self._finish_store()
@@ -413,9 +544,13 @@ class _StoreDUL(DULServiceProvider):
             data = self._recv_bytes(size)
             item = bytes(header) + data
             if self._mode == _LEGACY:
+                self._legacy_bytes += size
+                if self._legacy_bytes > self.limits.max_instance:
+                    raise _InvalidPData("a message larger than the maximum instance size")
                 forward.append(item)
                 if last and not is_command:
                     self._mode = _IDLE
+                    self._legacy_bytes = 0
                     self._forward(forward)
                     forward = []
             elif not is_command:
@@ -424,14 +559,34 @@ class _StoreDUL(DULServiceProvider):
                 self._mode = _COMMAND
                 self._pending.append(item)
                 self._command += data
+                if len(self._command) > _MAX_COMMAND:
+                    raise _InvalidPData("a command set larger than any DIMSE command")
                 if last:
                     forward = self._command_complete(context_id, forward)
         if forward:
             self._forward(forward)
 
+    def _receive_fragment(self, size: int) -> None:
+        """Append a data set fragment of *size* bytes to the buffer as its bytes arrive, or
+        drop it once the data set exceeds ``limits.max_instance``."""
+        end = self._received + size
+        self._received = end
+        if self._discarding or end > self.limits.max_instance:
+            self._discarding = True
+            self._skip(size)
+            return
+        pos = self._used
+        while pos < end:
+            step = min(end, pos + _GROW_STEP)
+            if step > len(self._buffer):
+                self._grow(step)
+            self._recv_into(memoryview(self._buffer)[pos:step])
+            pos = self._used = step
+
     def _grow(self, size: int) -> None:
         # Always a new buffer (never resized in place: a view may still be alive).
-        grown = bytearray(max(size, 2 * len(self._buffer), _MIN_BUFFER))
+        doubled = min(2 * len(self._buffer), self.limits.max_instance)
+        grown = bytearray(max(size, doubled, _MIN_BUFFER))
         grown[: self._used] = memoryview(self._buffer)[: self._used]
         self._buffer = grown
 
@@ -441,6 +596,7 @@ class _StoreDUL(DULServiceProvider):
         request = self._fast_request(fields, context_id) if fields is not None else None
         if request is not None:
             self._request, self._used, self._mode = request, 0, _FAST
+            self._received, self._discarding = 0, False
             return forward
         # Not ours: pynetdicom gets the message exactly as received.
         forward.extend(pending)
@@ -481,8 +637,18 @@ class _StoreDUL(DULServiceProvider):
         request, size = self._request, self._used
         assert request is not None
         self._request, self._used = None, 0
-        # The data set is lent to the store for the call only (the buffer is reused).
-        status, comment = self._store(self.assoc, request, memoryview(self._buffer)[:size])
+        self.busy = True
+        try:
+            if self._discarding:
+                status, comment = self._oversized(self.assoc, request, self._received)
+            else:
+                # The data set is lent to the store for the call only (the buffer is reused).
+                status, comment = self._store(
+                    self.assoc, request, memoryview(self._buffer)[:size]
+                )
+        finally:
+            self.busy = False
+            self._discarding = False
         if len(self._buffer) > _KEEP_BUFFER:
             self._buffer = bytearray()
         # Answer only on an association still in Sta6 (not aborted). Not ``is_established``:
@@ -507,13 +673,18 @@ class _Association(Association):
     ``_REACTOR_WAIT`` seconds for the network timeout.
     """
 
-    def __init__(self, ae: AE, mode: str, store: StoreFunc) -> None:
+    def __init__(
+        self, ae: AE, mode: str, store: StoreFunc, oversized: OversizedFunc, limits: Limits
+    ) -> None:
         super().__init__(ae, mode)
         self._wakeup = threading.Event()
-        self.dul = _StoreDUL(self, store)
+        self.dul: _StoreDUL = _StoreDUL(self, store, oversized, limits)
         # The timeout setters configure the DUL's timers: apply them to the new one.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
+        # ARTIM (PS3.8 9.1.5): how long a new connection has to send its A-ASSOCIATE-RQ (and
+        # how long the peer has to close after an A-ABORT or A-RELEASE-RP).
+        self.dul.artim_timer.timeout = limits.first_pdu_timeout
 
     def wake(self) -> None:
         self._wakeup.set()
@@ -581,7 +752,9 @@ class _FastRequestHandler(RequestHandler):
 
     def _create_association(self) -> Association:
         server = self.server
-        assoc = _Association(self.ae, MODE_ACCEPTOR, server.store)
+        assoc = _Association(
+            self.ae, MODE_ACCEPTOR, server.store, server.oversized, server.limits
+        )
         assoc._server = server
         assoc.name = f"AcceptorThread@{time.strftime('%Y%m%d%H%M%S')}"
         sock = AssociationSocket(assoc, client_socket=self.request)
@@ -603,6 +776,37 @@ class _FastRequestHandler(RequestHandler):
         return assoc
 
 
+def _abort_now(assoc: _Association) -> None:
+    """Send an A-ABORT and close the transport without waiting for the peer (stop)."""
+    if assoc.dul.pending:
+        assoc.dul.close_transport()
+        return
+    try:
+        assoc.abort(block=False)
+    except Exception as exc:  # the association may be ending on its own meanwhile
+        logger.debug("abort failed: %s", type(exc).__name__)
+    # Give the reactor a moment to send the A-ABORT; a read blocked on a silent peer is
+    # ended by the shutdown.
+    threading.Timer(0.2, assoc.dul.close_transport).start()
+
+
+class AcceptorAE(AE):
+    """pynetdicom's AE whose association limit counts negotiated associations only.
+
+    pynetdicom refuses an A-ASSOCIATE-RQ ("local limit exceeded") when the AE's threads
+    number more than ``maximum_associations``, counting connections that have not sent
+    their request: trickling or silent connections could keep real peers out. Here they do
+    not count (:meth:`SharedSocketServer._make_room` bounds them separately).
+    """
+
+    @property
+    def active_associations(self) -> list[Association]:
+        return [
+            a for a in super().active_associations
+            if not (isinstance(a, _Association) and a.dul.pending)
+        ]
+
+
 class SharedSocketServer(ThreadedAssociationServer):
     """pynetdicom's threaded server around an already listening (maybe shared) socket.
 
@@ -614,6 +818,11 @@ class SharedSocketServer(ThreadedAssociationServer):
         The configured AE: title, supported contexts, limits and timeouts.
     store
         Called in the DUL thread for each C-STORE the fast path serves.
+    oversized
+        Called in the DUL thread for a C-STORE whose data set exceeded
+        ``limits.max_instance`` (discarded as it arrived).
+    limits
+        This process's share of the per-connection limits (:class:`Limits`).
     handlers
         pynetdicom event handlers bound to every association (policy: access control,
         C-ECHO, the C-STOREs the fast path leaves to pynetdicom, statistics).
@@ -629,11 +838,15 @@ class SharedSocketServer(ThreadedAssociationServer):
         ae: AE,
         *,
         store: StoreFunc,
+        oversized: OversizedFunc,
+        limits: Limits,
         handlers: list[evt.EventHandlerType],
         processes: int = 1,
     ) -> None:
         self._listening = listening
         self.store = store
+        self.oversized = oversized
+        self.limits = limits
         self.processes = processes
         self._accepted: deque[float] = deque()  # when recent connections were accepted
         super().__init__(
@@ -676,7 +889,67 @@ class SharedSocketServer(ThreadedAssociationServer):
         self._accepted.append(time.monotonic())
         client.setblocking(True)
         set_nodelay(client)
+        self._make_room()
         return client, address
+
+    def pending(self) -> list[_Association]:
+        """This process's connections that have not sent their A-ASSOCIATE-RQ yet."""
+        return [
+            a for a in self.active_associations
+            if isinstance(a, _Association) and a.dul.pending
+        ]
+
+    def _make_room(self) -> None:
+        """Keep at most ``limits.max_pending - 1`` unassociated connections before the one
+        just accepted joins them: the oldest are closed. A real peer sends its A-ASSOCIATE-RQ
+        within milliseconds of connecting, so it is almost never the oldest; connections that
+        trickle or withhold their request cannot hold the port, nor (they are not counted
+        against it) the association limit."""
+        pending = self.pending()
+        excess = len(pending) - (self.limits.max_pending - 1)
+        if excess <= 0:
+            return
+        pending.sort(key=lambda a: a.dul.connected_at)
+        for assoc in pending[:excess]:
+            assoc.dul.evicted = True
+            assoc.dul.close_transport()
+        logger.warning(
+            "closed %d connection(s) that had not associated yet (at most %d may wait)",
+            excess, self.limits.max_pending,
+        )
+
+    def stop(self, grace: float, *, idle: float = 2.0) -> int:
+        """Stop accepting and end every connection within about *grace* seconds; return how
+        many associations had to be aborted.
+
+        Connections that have not associated are closed at once; an association is given up
+        to *grace* to finish, but one that has received nothing for *idle* seconds (and is not
+        handling a store) is aborted then: whatever the peers do, this returns within *grace*
+        plus a second or so.
+        """
+        self.shutdown()
+        for assoc in self.pending():
+            assoc.dul.evicted = True
+            assoc.dul.close_transport()
+        aborted: set[int] = set()
+        deadline = time.monotonic() + grace
+        while True:
+            active = [a for a in self.active_associations if isinstance(a, _Association)]
+            now = time.monotonic()
+            stalled = [
+                a for a in active
+                if id(a) not in aborted and (
+                    now >= deadline
+                    or (not a.dul.busy and not a.dul.pending and now - a.dul.last_progress > idle)
+                )
+            ]
+            for assoc in stalled:
+                aborted.add(id(assoc))
+                _abort_now(assoc)
+            if not active or now >= deadline + 1.0:
+                break
+            time.sleep(0.05)
+        return len(aborted)
 
     def server_close(self) -> None:
         # Close this process's descriptor only: shutdown() would stop the shared socket for

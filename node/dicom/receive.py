@@ -2,8 +2,12 @@
 
 Order (PS3.4 B.2.3: a success status means the SCP has taken responsibility for the instance):
 
-1. validate the encoding and the four UIDs (failure statuses 0xC000 family, 0xA900);
-2. check the data volume's free-space floor (0xA700 below it);
+1. refuse an instance larger than the maximum instance size, or a deflated one that would
+   inflate beyond the inflation limit (0xA700, audited; the SCP's fast path has already
+   discarded the fragments of a data set beyond the size as they arrived);
+2. validate the encoding (every item of every sequence, as the de-identifier walks it) and
+   the four UIDs (failure statuses 0xC000 family, 0xA900); check the data volume's free-space
+   floor (0xA700 below it);
 3. encrypt the received bytes into the spool (AES-GCM, a record appended to this process's
    spool segment, see :mod:`storage.spool`);
 4. make the record durable and, in one database transaction, insert the instance row and its
@@ -45,7 +49,7 @@ from node.audit import audit
 from node.deid.pseudonyms import uid_pseudonym
 from node.dicom.inspect import DatasetHeader, inspect_dataset
 from node.dicom.status import Status
-from node.errors import MalformedDataset
+from node.errors import InstanceTooLarge, MalformedDataset
 from node.jobs import DeidentifyPayload, deidentify_dedupe_key, enqueue
 from storage.audit import AuditKind
 from storage.db import Database, PreparedInsert
@@ -87,6 +91,8 @@ class Receiver:
         site_key: bytes,
         data_dir: Path,
         free_space_floor_bytes: int,
+        max_instance_bytes: int | None = None,
+        max_inflated_bytes: int | None = None,
     ) -> None:
         self.db = db
         self.queue = queue
@@ -94,6 +100,8 @@ class Receiver:
         self.site_key = site_key
         self.data_dir = data_dir
         self.floor = free_space_floor_bytes
+        self.max_instance = max_instance_bytes
+        self.max_inflated = max_inflated_bytes
         self._insert_row = PreparedInsert(db, Instance.__table__, _ROW_COLUMNS, "sop_key")
         self._committer = _GroupCommitter(self._write_rows, self._writer_turn)
 
@@ -107,8 +115,16 @@ class Receiver:
         calling_ae: str,
     ) -> Outcome:
         """Validate, keep and queue one received dataset; return the status to answer."""
+        if self.max_instance is not None and len(raw) > self.max_instance:
+            return self.refuse_oversized(calling_ae, len(raw))
         try:
-            header, missing = inspect_dataset(raw, transfer_syntax)
+            header, missing = inspect_dataset(
+                raw, transfer_syntax, max_inflated=self.max_inflated
+            )
+        except InstanceTooLarge:
+            return self._refuse(
+                Status.OUT_OF_RESOURCES, "deflated dataset inflates beyond the limit", calling_ae
+            )
         except MalformedDataset as exc:
             return self._refuse(Status.CANNOT_UNDERSTAND, str(exc), calling_ae)
         if header is None:
@@ -225,6 +241,13 @@ class Receiver:
             self.spool.delete(spool_name)
         except StorageError:
             logger.error("could not remove spool item %s after a failed store", spool_name)
+
+    def refuse_oversized(self, calling_ae: str, size: int) -> Outcome:
+        """The answer to an instance larger than the maximum instance size (audited)."""
+        logger.warning("C-STORE of %d bytes exceeds the maximum instance size", size)
+        return self._refuse(
+            Status.OUT_OF_RESOURCES, "instance exceeds the maximum instance size", calling_ae
+        )
 
     def _refuse(self, status: Status, comment: str, calling_ae: str) -> Outcome:
         logger.warning(

@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from node.config import Peer, Settings
 from node.dicom.configure import configure_pynetdicom
 from node.dicom.contexts import supported_contexts
-from node.dicom.fastpath import SharedSocketServer, StoreRequest
+from node.dicom.fastpath import AcceptorAE, Limits, SharedSocketServer, StoreRequest
 from node.dicom.receive import Receiver
 from node.dicom.status import Status
 from storage.audit import AuditKind
@@ -45,6 +44,16 @@ logger = logging.getLogger(__name__)
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result 1 = rejected-permanent, source 1 = service user.
 _REJECT_PERMANENT, _SOURCE_USER = 0x01, 0x01
 _CALLING_AE_NOT_RECOGNISED, _CALLED_AE_NOT_RECOGNISED = 0x03, 0x07
+
+
+def ae_title_text(value: str | bytes | None) -> str:
+    """An AE title as the node logs and audits it: at most 16 characters of printable ASCII
+    (PS3.5 6.2: the default repertoire without control characters), anything else as ``?``,
+    so a title with a line break is one log line."""
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    text = (value or "").strip()[:16]
+    return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 
 @dataclass
@@ -76,7 +85,7 @@ class StorageSCP:
 
     def _build_ae(self, processes: int) -> AE:
         cfg = self.settings.dicom
-        ae = AE(ae_title=self.ae_title)
+        ae = AcceptorAE(ae_title=self.ae_title)
         ae.supported_contexts = supported_contexts()
         ae.maximum_pdu_size = cfg.max_pdu
         ae.acse_timeout = cfg.acse_timeout
@@ -84,6 +93,16 @@ class StorageSCP:
         ae.network_timeout = cfg.network_timeout
         ae.maximum_associations = max(1, -(-cfg.max_associations // max(processes, 1)))
         return ae
+
+    def limits(self) -> Limits:
+        """This process's share of the per-connection limits ([dicom])."""
+        cfg = self.settings.dicom
+        return Limits(
+            first_pdu_timeout=cfg.first_pdu_timeout,
+            pdu_timeout=cfg.pdu_timeout,
+            max_pending=max(1, -(-cfg.pending_connections // max(self.processes, 1))),
+            max_instance=cfg.max_instance_mb << 20,
+        )
 
     # -- access control -----------------------------------------------------------------------
     def _resolve(self, host: str) -> set[str]:
@@ -99,6 +118,7 @@ class StorageSCP:
 
     def peer_allowed(self, calling_ae: str, address: str) -> bool:
         """Default-deny: *calling_ae* must be configured, and from its pinned host if any."""
+        # A title with characters ae_title_text replaces matches no configured peer.
         for peer in self._peers.get(calling_ae.strip(), []):
             if peer.host is None or address in self._resolve(peer.host):
                 return True
@@ -108,8 +128,8 @@ class StorageSCP:
         assoc = event.assoc
         rq = assoc.requestor.primitive
         assert rq is not None  # EVT_REQUESTED: the A-ASSOCIATE-RQ has been received
-        calling = (rq.calling_ae_title or "").strip()
-        called = (rq.called_ae_title or "").strip()
+        calling = ae_title_text(rq.calling_ae_title)
+        called = ae_title_text(rq.called_ae_title)
         address = assoc.requestor.address
         diagnostic = None
         if called != self.ae_title:
@@ -126,7 +146,7 @@ class StorageSCP:
 
         audit(
             self.receiver.db, self.receiver.data_dir, AuditKind.ASSOCIATION_REJECTED,
-            outcome="failure", actor=calling[:64], called_ae=called, address=address,
+            outcome="failure", actor=calling, called_ae=called, address=address,
             reason=reason,
         )
         assoc.acse.send_reject(_REJECT_PERMANENT, _SOURCE_USER, diagnostic)
@@ -164,6 +184,13 @@ class StorageSCP:
         )
         return int(status), comment
 
+    def store_oversized(self, assoc: Any, request: StoreRequest, size: int) -> tuple[int, str]:
+        """A C-STORE whose data set exceeded ``[dicom] max_instance_mb`` (the fast path
+        discarded it as it arrived): refused with an audit record."""
+        outcome = self.receiver.refuse_oversized(ae_title_text(assoc.requestor.ae_title), size)
+        self._stats_for(assoc).failed += 1
+        return int(outcome.status), outcome.comment
+
     def store(
         self,
         assoc: Any,
@@ -175,7 +202,7 @@ class StorageSCP:
     ) -> tuple[Status, str]:
         """Keep one received data set through the :class:`Receiver`; return the status and
         error comment to answer (never raises: no traceback, and no PHI, reaches the peer)."""
-        calling = (assoc.requestor.ae_title or "").strip()
+        calling = ae_title_text(assoc.requestor.ae_title)
         try:
             outcome = self.receiver.store(
                 raw(),
@@ -206,7 +233,7 @@ class StorageSCP:
         with self._lock:
             stats = self._stats.get(key)
             if stats is None:
-                stats = self._stats[key] = _AssocStats((assoc.requestor.ae_title or "").strip())
+                stats = self._stats[key] = _AssocStats(ae_title_text(assoc.requestor.ae_title))
             return stats
 
     def _on_conn_close(self, event: evt.Event) -> None:
@@ -239,39 +266,17 @@ class StorageSCP:
     def serve(self, listening: socket.socket) -> None:
         """Serve associations on *listening* until :meth:`stop` is called (blocks)."""
         self.server = SharedSocketServer(
-            listening, self.ae, store=self.store_fast, handlers=self.handlers(),
-            processes=self.processes,
+            listening, self.ae, store=self.store_fast, oversized=self.store_oversized,
+            limits=self.limits(), handlers=self.handlers(), processes=self.processes,
         )
         self.ae._servers.append(self.server)
         self.server.serve_forever(poll_interval=0.2)
 
     def stop(self, grace: float) -> int:
-        """Stop accepting, wait up to *grace* s for in-flight associations; return how many
-        had to be aborted."""
+        """Stop accepting and end every connection within about *grace* seconds; return how
+        many associations had to be aborted (see :meth:`SharedSocketServer.stop`: connections
+        not yet associated are closed at once, idle associations aborted)."""
         server = self.server
         if server is None:
             return 0
-        server.shutdown()
-        # A connection that has not sent its A-ASSOCIATE-RQ yet (Sta2) has nothing in flight
-        # but would hold shutdown for up to acse_timeout. Its socket is closed (the DUL sees
-        # the transport close, Evt17, and returns to Sta1; an A-ABORT is not valid in Sta2)
-        # and its association thread, waiting for the request, is woken as if the ACSE timer
-        # had expired, which ends it.
-        for assoc in list(server.active_associations):
-            if assoc.dul.state_machine.current_state != "Sta2":
-                continue
-            sock = assoc.dul.socket
-            raw = sock.socket if sock is not None else None
-            if raw is not None:
-                try:
-                    raw.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-            assoc.dul.to_user_queue.put(None)  # type: ignore[arg-type]  # "timed out"
-        deadline = time.monotonic() + grace
-        while server.active_associations and time.monotonic() < deadline:
-            time.sleep(0.05)
-        remaining = server.active_associations
-        for assoc in remaining:
-            assoc.abort()
-        return len(remaining)
+        return server.stop(grace)

@@ -13,8 +13,9 @@ class Status(IntEnum):
     SUCCESS = 0x0000
     """The instance is kept durably (encrypted spool + database) and queued."""
     OUT_OF_RESOURCES = 0xA700
-    """Refused: the database is unavailable, the spool cannot be written, or the data volume
-    is below the free-space floor. Nothing was kept; the sender should retry later."""
+    """Refused: the database is unavailable, the spool cannot be written, the data volume
+    is below the free-space floor (the sender should retry later), or the instance exceeds
+    the node's maximum instance size or inflation limit. Nothing was kept."""
     DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
     """Error: the dataset's SOP Class UID differs from the request's Affected SOP Class UID."""
     CANNOT_UNDERSTAND = 0xC000

@@ -137,11 +137,14 @@ def acknowledged_files(proc: subprocess.Popen[str]) -> Iterator[str]:
     """Each file storescu reports stored with status 0x0000, as soon as it reports it."""
     current: str | None = None
     assert proc.stdout is not None
-    for line in proc.stdout:
-        if m := re.match(r"I: Sending file: (.+)$", line.strip()):
-            current = m.group(1)
-        elif "Received Store Response (Success)" in line and current:
-            yield current
+    try:
+        for line in proc.stdout:
+            if m := re.match(r"I: Sending file: (.+)$", line.strip()):
+                current = m.group(1)
+            elif "Received Store Response (Success)" in line and current:
+                yield current
+    finally:
+        proc.stdout.close()
 
 
 def test_crash_safety_sigkill_mid_stream(node: NodeDir, tmp_path: Path) -> None:
@@ -340,9 +343,9 @@ class _Proxy:
         for s in self._conns:
             try:
                 s.shutdown(socket.SHUT_RDWR)
-                s.close()
             except OSError:
                 pass
+            s.close()
         self._conns.clear()
 
     def restore(self) -> None:

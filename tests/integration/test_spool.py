@@ -244,6 +244,7 @@ def test_every_synced_record_survives_sigkill(tmp_path: Path) -> None:
             break
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
+    proc.stdout.close()
     spool = Spool(root, KEY)
     for locator, n in reported:
         assert spool.get(locator) == int(n).to_bytes(4, "little") * 2000

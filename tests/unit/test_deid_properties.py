@@ -8,6 +8,7 @@ import string
 from typing import Any
 
 import pydicom
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydicom.dataset import Dataset
@@ -20,6 +21,9 @@ from pydicom.uid import (
 )
 
 from tests.unit.deid_support import encode, engine, read
+
+# The strategies draw tags the data dictionary does not know: pydicom warns when it reads them.
+pytestmark = pytest.mark.filterwarnings("ignore:VR lookup failed:UserWarning")
 
 UID_ROOT = "1.2.826.0.1.3680043.10.999."
 MARK = st.text(string.ascii_uppercase + string.digits, min_size=6, max_size=10).map(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import zlib
+from pathlib import Path
 
 import pytest
 from pydicom import dcmread
@@ -66,7 +67,7 @@ def test_deflated(ct: Dataset) -> None:
 def test_encapsulated_pixel_data_and_undefined_length_sequences() -> None:
     path = get_testdata_file("JPEG2000.dcm")
     ts = dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID
-    raw = open(path, "rb").read()[_dataset_offset(path) :]
+    raw = Path(path).read_bytes()[_dataset_offset(path) :]
     header, missing = inspect_dataset(raw, ts)
     assert header is not None, missing
     with pytest.raises(MalformedDataset):
@@ -117,6 +118,6 @@ def test_pydicom_truncated_test_files_are_refused() -> None:
     for name in ("MR_truncated.dcm", "rtplan_truncated.dcm"):
         path = get_testdata_file(name)
         ts = dcmread(path, stop_before_pixels=True, force=True).file_meta.TransferSyntaxUID
-        raw = open(path, "rb").read()[_dataset_offset(path) :]
+        raw = Path(path).read_bytes()[_dataset_offset(path) :]
         with pytest.raises(MalformedDataset, match=r"truncated|runs past"):
             inspect_dataset(raw, ts)
