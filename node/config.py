@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -147,14 +148,127 @@ class DatabaseSection(_Section):
     busy_timeout_ms: int = Field(10000, ge=0, description="SQLite lock wait, milliseconds")
     pool_size: int = Field(5, ge=1, description="connections per process (PostgreSQL)")
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        check_database_url(value)
+        return value.strip()
+
+
+_SUPPORTED_DATABASES = (
+    "fednode stores its data in SQLite (leave url empty, or sqlite:///PATH) or PostgreSQL "
+    "(postgresql+psycopg://USER@HOST:PORT/DB)"
+)
+
+
+def check_database_url(url: str) -> None:
+    """Refuse a database URL fednode cannot use, saying which form it takes.
+
+    The message never repeats the URL (it may hold a password).
+    """
+    url = url.strip()
+    if not url:
+        return
+    scheme, sep, _ = url.partition("://")
+    if not sep:
+        raise ValueError(f"not a database URL (no '://'); {_SUPPORTED_DATABASES}")
+    backend, _, driver = scheme.lower().partition("+")
+    if backend in ("postgres", "postgresql"):
+        if backend == "postgres" or driver != "psycopg":
+            raise ValueError(
+                f"write PostgreSQL URLs as postgresql+psycopg://… (the psycopg 3 driver fednode "
+                f"installs), not {scheme}://…"
+            )
+    elif backend == "sqlite":
+        if driver not in ("", "pysqlite"):
+            raise ValueError(f"SQLite URLs are sqlite:///PATH, not {scheme}://…")
+    else:
+        raise ValueError(f"{scheme}:// is not supported: {_SUPPORTED_DATABASES}")
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise ValueError(f"the URL cannot be parsed; {_SUPPORTED_DATABASES}") from None
+    try:
+        parsed.port  # noqa: B018 - a port that is not a number raises here
+    except ValueError:
+        raise ValueError("the port in the URL is not a number") from None
+
+
+_JOB_KINDS = ("deidentify", "assemble", "infer", "report", "export")
+"""The job kinds (``node.jobs.JobKind``; listed here so that config does not import the jobs)."""
+_LANE_NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class LaneSection(_Section):
+    """One lane: worker processes that serve only these job kinds."""
+
+    kinds: list[str] = Field(description="job kinds this lane serves")
+    count: int = Field(1, ge=0, le=64, description="worker processes of this lane (0 = none)")
+
+    @field_validator("kinds")
+    @classmethod
+    def _known_kinds(cls, value: list[str]) -> list[str]:
+        unknown = [k for k in value if k not in _JOB_KINDS]
+        if unknown or not value:
+            raise ValueError(
+                f"job kinds must be a non-empty list of {', '.join(_JOB_KINDS)}"
+                + (f" (unknown: {', '.join(map(repr, unknown))})" if unknown else "")
+            )
+        return value
+
+
+def _default_lanes() -> dict[str, LaneSection]:
+    return {
+        "ingest": LaneSection(kinds=["deidentify", "assemble"], count=2),
+        "results": LaneSection(kinds=["infer", "report", "export"], count=1),
+    }
+
 
 class WorkersSection(_Section):
-    count: int = Field(2, ge=0, le=64, description="worker processes (0 = none)")
+    lanes: dict[str, LaneSection] = Field(
+        default_factory=_default_lanes,
+        description="worker lanes: [workers.lanes.<name>] with kinds = [...] and count = N",
+    )
     lease_seconds: float = Field(300.0, gt=0, description="how long a leased job stays reserved")
     max_attempts: int = Field(5, ge=1, description="attempts before a job is dead-lettered")
     backoff_seconds: float = Field(10.0, ge=0, description="first retry delay (doubles each try)")
     backoff_max_seconds: float = Field(3600.0, ge=0, description="longest retry delay")
     poll_seconds: float = Field(0.5, gt=0, description="idle wait between queue polls")
+
+    @field_validator("lanes")
+    @classmethod
+    def _lanes_cover_every_kind_once(cls, lanes: dict[str, LaneSection]) -> dict[str, LaneSection]:
+        owner: dict[str, str] = {}
+        for name, lane in lanes.items():
+            if not _LANE_NAME_RE.match(name):
+                raise ValueError(f"lane name {name!r}: lower-case letters, digits, '-', '_'")
+            for kind in lane.kinds:
+                if kind in owner:
+                    raise ValueError(
+                        f"job kind {kind!r} is in lanes {owner[kind]!r} and {name!r}; "
+                        "put each kind in one lane"
+                    )
+                owner[kind] = name
+        missing = [k for k in _JOB_KINDS if k not in owner]
+        if missing:
+            raise ValueError(
+                f"no lane serves job kind(s) {', '.join(missing)}; add them to a lane's kinds "
+                "(a lane with count = 0 keeps them queued)"
+            )
+        return lanes
+
+    @property
+    def count(self) -> int:
+        """Worker processes over all lanes."""
+        return sum(lane.count for lane in self.lanes.values())
+
+    def with_count(self, count: int) -> WorkersSection:
+        """The same lanes with *count* worker processes each (``serve --workers``)."""
+        lanes = {n: lane.model_copy(update={"count": count}) for n, lane in self.lanes.items()}
+        return self.model_copy(update={"lanes": lanes})
 
 
 class SpoolSection(_Section):
@@ -201,6 +315,72 @@ class TasksSection(_Section):
                 raise ValueError(f"{ref!r} is listed twice")
             seen.add(ref)
         return value
+
+
+_DEST_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,31}$")
+
+
+class ExportDestination(_Section):
+    """A DICOM Storage SCP (the PACS) that receives the node's Structured Reports.
+
+    Give either ``ae_title``, ``host`` and ``port``, or ``peer``: the AE title of a
+    ``[[dicom.peers]]`` entry whose ``host`` and ``port`` are used.
+    """
+
+    name: str | None = Field(
+        None, description="a short name for listings (a-z 0-9 _ -; default: the AE title)"
+    )
+    ae_title: str | None = Field(None, description="the destination's called AE title")
+    host: str | None = Field(None, description="the destination's IP address or host name")
+    port: int | None = Field(None, ge=1, le=65535, description="the destination's DICOM port")
+    peer: str | None = Field(
+        None, description="use the host and port of the [[dicom.peers]] entry with this AE title"
+    )
+    calling_ae: str | None = Field(
+        None, description="calling AE title towards this destination (default: node.ae_title)"
+    )
+
+    @field_validator("ae_title", "peer", "calling_ae")
+    @classmethod
+    def _ae(cls, value: str | None) -> str | None:
+        return None if value is None else _check_ae_title(value)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str | None) -> str | None:
+        if value is not None and not _DEST_NAME_RE.match(value):
+            raise ValueError("a destination name is 1-32 characters of a-z, 0-9, '_' and '-'")
+        return value
+
+
+class ExportSection(_Section):
+    """Structured Reports back to the PACS: format, destinations, retries, outbox retention."""
+
+    sr_format: Literal["comprehensive-3d", "enhanced"] = Field(
+        "comprehensive-3d",
+        description="SR storage class: 'comprehensive-3d' (default) or 'enhanced'",
+    )
+    destinations: list[ExportDestination] = Field(
+        default_factory=list,
+        description="[[export.destinations]]: where reports are sent (none = kept in the outbox)",
+    )
+    max_attempts: int = Field(
+        12,
+        ge=1,
+        description=(
+            "C-STORE attempts per destination before the export is dead-lettered (retry delays "
+            "follow [workers] backoff_seconds, doubling, capped at backoff_max_seconds)"
+        ),
+    )
+    timeout_seconds: float = Field(
+        30.0, gt=0, description="association and DIMSE timeout towards a destination, seconds"
+    )
+    retention_hours: float = Field(
+        72.0, ge=0, description="hours an acknowledged SR stays in the encrypted outbox"
+    )
+    sweep_seconds: float = Field(
+        2.0, gt=0, description="how often a worker looks for new results to report"
+    )
 
 
 _PRIVATE_TAG_RE = re.compile(r"^\(?([0-9A-Fa-f]{4}),\s*[xX]{2}([0-9A-Fa-f]{2})\)?$")
@@ -354,11 +534,69 @@ class DeidSection(_Section):
         return [m.strip().upper() for m in value if m.strip()]
 
 
+class InferenceSection(_Section):
+    """Encrypted inference: the model owner's service this node sends ciphertexts to."""
+
+    server: str | None = Field(
+        default=None,
+        description='URL of the inference service, e.g. "https://models.example.org:8443"',
+    )
+    token_file: Path | None = Field(
+        default=None,
+        description="file holding this node's token for the service (mode 0600; "
+        "issued by the service's administrator)",
+    )
+    ca_file: Path | None = Field(
+        default=None, description="CA bundle to verify the service's TLS certificate"
+    )
+    timeout_seconds: float = Field(
+        default=120.0, gt=0, description="longest wait for one service request"
+    )
+    key_rotation_days: float = Field(
+        default=30.0, gt=0, description="a new CKKS key per task after this many days"
+    )
+
+    @field_validator("server")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not re.match(r"^https?://[^\s/]+", value):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+
 class LoggingSection(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", description="one of DEBUG, INFO, WARNING, ERROR"
     )
     format: Literal["text", "json"] = Field("text", description="text or json")
+
+
+class FederationSection(_Section):
+    """How the node takes part in a Flower federation (``fednode federation ...``).
+
+    Where the federation is (SuperLink address, CA certificate, site name) is recorded by
+    ``fednode federation enroll`` under ``<data_dir>/federation/``; this section holds the
+    operator's choices for running the SuperNode.
+    """
+
+    runtime_port: int = Field(
+        9094, ge=1, le=65535, description="loopback port of the SuperNode's Runtime API"
+    )
+    local_dp_noise_multiplier: float = Field(
+        0.0,
+        ge=0.0,
+        description="local DP: Gaussian noise (times the clipping norm) added to each update "
+        "on the node before it leaves (0 = off)",
+    )
+    restart_delay_seconds: float = Field(
+        2.0, gt=0, description="first delay before restarting a failed SuperNode (doubles)"
+    )
+    restart_delay_max_seconds: float = Field(
+        60.0, gt=0, description="longest delay between SuperNode restarts"
+    )
+    max_wait_seconds: float | None = Field(
+        None, gt=0, description="SuperNode: give up connecting to the SuperLink after this long"
+    )
 
 
 class Settings(BaseSettings):
@@ -379,6 +617,9 @@ class Settings(BaseSettings):
     logging: LoggingSection = LoggingSection()
     deid: DeidSection = DeidSection()
     tasks: TasksSection = TasksSection()
+    export: ExportSection = ExportSection()
+    inference: InferenceSection = InferenceSection()
+    federation: FederationSection = FederationSection()
 
     source_file: Path | None = Field(None, exclude=True)
 
@@ -413,6 +654,10 @@ class Settings(BaseSettings):
     @property
     def blob_dir(self) -> Path:
         return self.node.data_dir / "blobs"
+
+    @property
+    def outbox_dir(self) -> Path:
+        return self.node.data_dir / "outbox"
 
     @property
     def models_dir(self) -> Path:
@@ -530,3 +775,125 @@ def _describe(exc: ValidationError, path: Path | None) -> str:
             f"(in the file, or with the environment variable {env})"
         )
     return "\n".join(lines)
+
+
+# -- values from the command line ------------------------------------------------------------
+# CLI flags go through the same models as the file: a flag's error names the flag.
+
+
+def _describe_flags(exc: ValidationError, section: str, flags: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err.get("loc", ()))
+        field = str(loc[0]) if loc else ""
+        flag = flags.get(field, f"{section}.{field}")
+        desc = _field_description((section, *loc))
+        fix = f"; expected {desc}" if desc else ""
+        lines.append(f"{flag} {err.get('input')!r}: {err.get('msg')}{fix}")
+    return "invalid option " + "; ".join(lines)
+
+
+def validated_section(
+    section: str, values: Mapping[str, Any], flags: Mapping[str, str] | None = None
+) -> Any:
+    """Build the ``[section]`` model from *values*, as the file's values are validated.
+
+    Raises
+    ------
+    ConfigError
+        Naming the flag (from *flags*, field name -> ``--flag``) and what it expects.
+    """
+    model = Settings.model_fields[section].annotation
+    assert isinstance(model, type) and issubclass(model, BaseModel)
+    try:
+        return model.model_validate(dict(values))
+    except ValidationError as exc:
+        raise ConfigError(_describe_flags(exc, section, flags or {})) from None
+
+
+def apply_overrides(
+    settings: Settings, overrides: Mapping[str, Any], flags: Mapping[str, str]
+) -> Settings:
+    """*settings* with ``"section.key": value`` overrides (``None`` values ignored), each
+    validated like the file's value; *flags* maps ``"section.key"`` to the flag's name."""
+    by_section: dict[str, dict[str, Any]] = {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        section, _, key = dotted.partition(".")
+        by_section.setdefault(section, {})[key] = value
+    updates: dict[str, Any] = {}
+    problems: list[str] = []
+    for section, values in by_section.items():
+        current: BaseModel = getattr(settings, section)
+        merged = {**current.model_dump(), **values}
+        names = {
+            dotted.partition(".")[2]: flag
+            for dotted, flag in flags.items()
+            if dotted.startswith(section + ".")
+        }
+        try:
+            updates[section] = validated_section(section, merged, names)
+        except ConfigError as exc:
+            problems.append(str(exc).removeprefix("invalid option "))
+    if problems:
+        raise ConfigError("invalid option " + "; ".join(problems))
+    return settings.model_copy(update=updates) if updates else settings
+
+
+def parse_peer(text: str) -> Peer:
+    """Parse a ``--peer`` value: ``AE``, ``AE@HOST`` or ``AE@HOST:PORT`` (IPv6 in brackets:
+    ``AE@[::1]:104``).
+
+    Raises
+    ------
+    ConfigError
+        If the form is not one of these, or the AE title, host or port is invalid.
+    """
+    forms = "AE, AE@HOST or AE@HOST:PORT (IPv6: AE@[ADDR]:PORT), e.g. PACS@10.0.0.5:104"
+    ae, at, rest = text.strip().partition("@")
+    host: str | None = None
+    port: str | None = None
+    if at:
+        if rest.startswith("["):
+            addr, bracket, tail = rest[1:].partition("]")
+            if not bracket or (tail and not tail.startswith(":")):
+                raise ConfigError(f"--peer {text!r}: not {forms}")
+            host, port = addr, (tail[1:] if tail else None)
+        elif rest.count(":") > 1:  # a bare IPv6 address, no port
+            host = rest
+        else:
+            host, colon, port_text = rest.partition(":")
+            port = port_text if colon else None
+        if not host:
+            raise ConfigError(f"--peer {text!r}: no host after '@'; give {forms}")
+    values: dict[str, Any] = {"ae_title": ae, "host": host}
+    if port is not None:
+        if not port.isdigit():
+            raise ConfigError(f"--peer {text!r}: the port {port!r} is not a number; give {forms}")
+        values["port"] = int(port)
+    try:
+        return Peer.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"--peer {text!r}: {problems}") from None
+
+
+# -- is there a configuration at all? --------------------------------------------------------
+ENV_DATA_DIR = "FEDNODE_NODE__DATA_DIR"
+
+
+def require_config(explicit: Path | None) -> Path | None:
+    """The config file of a command that works on an initialised node, or a clear error.
+
+    A node configured by environment variables alone (containers) has no file: it must at
+    least name its data folder (``FEDNODE_NODE__DATA_DIR``).
+    """
+    path = find_config(explicit)
+    if path is None and not os.environ.get(ENV_DATA_DIR):
+        looked = ", ".join(str(p) for p in DEFAULT_CONFIG_PATHS)
+        raise ConfigError(
+            f"no configuration: looked for {looked} and ${ENV_CONFIG}; fix: run the command in "
+            "the node's folder, pass -c FILE, or create a node with `fednode init`"
+        )
+    return path

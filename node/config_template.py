@@ -6,6 +6,8 @@ two equal).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 TEMPLATE = """\
 # fednode configuration (TOML).
 #
@@ -61,8 +63,6 @@ max_inflated_mb = 256
 url = ""
 
 [workers]
-# Worker processes that de-identify and process queued jobs.
-count = 2
 # Attempts before a job is dead-lettered (see `fednode status`, `fednode jobs retry`).
 max_attempts = 5
 # First retry delay in seconds; it doubles on every attempt up to backoff_max_seconds.
@@ -70,6 +70,18 @@ backoff_seconds = 10
 backoff_max_seconds = 3600
 # Seconds a worker holds a job before another may take it over (extended while it runs).
 lease_seconds = 300
+
+# Lanes: each lane's worker processes serve only its job kinds, so a slow kind (an encrypted
+# inference round trip, a PACS that is slow to accept a report) never holds up
+# de-identification. Every kind belongs to exactly one lane; count = 0 keeps a lane's jobs
+# queued. `fednode serve --workers N` runs N processes in every lane.
+[workers.lanes.ingest]
+kinds = ["deidentify", "assemble"]
+count = 2
+
+[workers.lanes.results]
+kinds = ["infer", "report", "export"]
+count = 1
 
 [spool]
 # Hours the encrypted spool record of a rejected instance is kept (for investigation).
@@ -112,6 +124,36 @@ enabled = ["chest_xray"]
 # A study is complete (and its tasks run) after no instance arrived for this many seconds.
 quiet_period_seconds = 300
 
+[inference]
+# The model owner's encrypted-inference service (only ciphertexts are sent to it) and the file
+# with this node's token (issued by the service's administrator: `fednode inference-server
+# token issue NODE`). Without a server, studies wait in the "infer" queue.
+# server = "https://models.example.org:8443"
+# token_file = "/etc/fednode/inference.token"
+# A new CKKS key per task after this many days (results keep the id of their key).
+key_rotation_days = 30
+
+[export]
+# Structured Reports (DICOM TID 1500) of each result, sent back to the PACS by C-STORE, filed
+# under the original patient and study. "comprehensive-3d" (Comprehensive 3D SR) or "enhanced"
+# (Enhanced SR, for a PACS that does not store Comprehensive 3D SR).
+sr_format = "comprehensive-3d"
+# C-STORE attempts per destination before the delivery is dead-lettered (retry delays follow
+# backoff_seconds of the workers section, doubling); `fednode exports retry` re-queues them.
+max_attempts = 12
+# Association and DIMSE timeout towards a destination, seconds.
+timeout_seconds = 30
+# Hours an acknowledged SR stays in the encrypted outbox before it is deleted.
+retention_hours = 72
+# Where reports go: one block per destination, with ae_title, host and port, or with
+# peer = the AE title of a [[dicom.peers]] entry that has host and port. None: reports stay in
+# the encrypted outbox.
+# [[export.destinations]]
+# name = "pacs"
+# ae_title = "PACS"
+# host = "10.0.0.5"
+# port = 104
+
 [logging]
 # DEBUG, INFO, WARNING or ERROR; format "text" or "json". Logs never contain patient data.
 level = "INFO"
@@ -120,7 +162,7 @@ format = "text"
 
 PEER_BLOCK = """[[dicom.peers]]
 ae_title = "{ae_title}"
-{host_line}"""
+{host_line}{port_line}"""
 
 
 def render(
@@ -129,13 +171,19 @@ def render(
     data_dir: str = "fednode-data",
     host: str = "0.0.0.0",
     port: int = 11112,
-    peers: list[tuple[str, str | None]] | None = None,
+    peers: Sequence[tuple[str, str | None] | tuple[str, str | None, int | None]] | None = None,
 ) -> str:
-    """The commented config with these values filled in."""
+    """The commented config with these values filled in (peers as ``(ae, host)`` or
+    ``(ae, host, port)``; values already validated)."""
     blocks = []
-    for peer_ae, peer_host in peers or []:
+    for peer in peers or []:
+        peer_ae, peer_host = peer[0], peer[1]
+        peer_port = peer[2] if len(peer) > 2 else None
         host_line = f'host = "{peer_host}"\n' if peer_host else ""
-        blocks.append(PEER_BLOCK.format(ae_title=peer_ae, host_line=host_line))
+        port_line = f"port = {peer_port}\n" if peer_port else ""
+        blocks.append(
+            PEER_BLOCK.format(ae_title=peer_ae, host_line=host_line, port_line=port_line)
+        )
     if not blocks:
         blocks.append('# [[dicom.peers]]\n# ae_title = "PACS"\n# host = "10.0.0.5"\n# port = 104\n')
     return TEMPLATE.format(

@@ -39,6 +39,10 @@ class NodeKeys:
     """AES-256-GCM key of the vault (original headers needed to file results back)."""
     site: bytes
     """HMAC-SHA256 key of the keyed pseudonyms (UIDs, patient tokens, date offsets)."""
+    outbox: bytes
+    """AES-256-GCM key of the outbox (re-identified Structured Reports until acknowledged)."""
+    he: bytes
+    """AES-256-GCM key that seals the CKKS secret keys (:mod:`node.inference.keystore`)."""
 
     @classmethod
     def from_master(cls, master: bytes) -> NodeKeys:
@@ -49,6 +53,8 @@ class NodeKeys:
             spool=derive_key(master, "spool/aes-gcm"),
             vault=derive_key(master, "vault/aes-gcm"),
             site=derive_key(master, "pseudonym/hmac-sha256"),
+            outbox=derive_key(master, "outbox/aes-gcm"),
+            he=derive_key(master, "he/ckks-secret/aes-gcm"),
         )
 
     def __repr__(self) -> str:

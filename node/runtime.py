@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from node.config import Settings
+from node.jobs import JobContext
 from node.keys import load_keys
-from node.pipeline import JobContext
 from storage.db import Database
 from storage.queue import SqlQueue
 

@@ -5,7 +5,8 @@ secret, database reachable and migrated, task plugins), binds the DICOM port onc
 
 - ``dicom.processes`` SCP processes that accept on the shared listening socket (the kernel
   hands each connection to one of them, so the node uses every core despite the GIL);
-- ``workers.count`` worker processes that lease and run jobs.
+- worker processes in lanes (``[workers.lanes.<name>]``): each lane's processes lease and run
+  only its job kinds, so a slow kind never holds up another lane.
 
 Children die with the supervisor (``PR_SET_PDEATHSIG``), so a killed node never leaves a
 half-alive child holding the port. A child that dies unexpectedly is restarted with backoff.
@@ -50,24 +51,31 @@ def _die_with_parent() -> None:
         pass
 
 
-def preflight(settings: Settings) -> None:
-    """Everything ``serve`` checks before it listens; raises a NodeError/StorageError."""
-    from node.keys import load_keys
-    from node.pipeline import load_handlers
+def preflight(settings: Settings, *, check_only: bool = False) -> None:
+    """Everything ``serve`` checks before it listens; raises a NodeError/StorageError.
+
+    With *check_only* (``fednode config check``) nothing is created or recorded.
+    """
+    from node.jobs import load_handlers
+    from node.keycheck import verify_master_secret
+    from node.keys import NodeKeys, load_master_secret
     from node.runtime import open_database
 
-    load_keys(settings.secret_path)
+    master = load_master_secret(settings.secret_path)
+    NodeKeys.from_master(master)
     db = open_database(settings)
     try:
         db.check_reachable()
         db.check_migrated()
+        verify_master_secret(db, master, record=not check_only)
     finally:
         db.dispose()
     load_handlers()
     from node.tasks import load_tasks
 
     load_tasks(settings)
-    settings.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if not check_only:
+        settings.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
 
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
@@ -144,18 +152,24 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
     sys.exit(0)
 
 
-def _worker_main(settings: Settings, index: int) -> None:
+def _worker_main(settings: Settings, lane: str, index: int) -> None:
     stop = _child_stop_flag()
     _die_with_parent()
     configure_logging(settings.logging.level, settings.logging.format)
-    from node.pipeline import load_handlers
+    from node.jobs import load_handlers
     from node.runtime import open_context
     from node.worker import Worker
 
     # Migration was checked by the supervisor's preflight; a worker (re)started while the
     # database is down must still come up (it retries its lease until the database is back).
     ctx = open_context(settings, check_migrated=False)
-    worker = Worker(ctx, load_handlers(), name=f"{socket.gethostname()}:w{index}:{os.getpid()}")
+    kinds = settings.workers.lanes[lane].kinds
+    worker = Worker(
+        ctx,
+        load_handlers(),
+        kinds=kinds,
+        name=f"{socket.gethostname()}:{lane}{index}:{os.getpid()}",
+    )
 
     worker.stop = stop
 
@@ -207,9 +221,9 @@ def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> 
             return _fork(context, _scp_main, (settings, listening, processes), f"scp-{i}")
         return start
 
-    def _spawn_worker(i: int) -> Callable[[], BaseProcess]:
+    def _spawn_worker(lane: str, i: int) -> Callable[[], BaseProcess]:
         def start() -> BaseProcess:
-            return _fork(context, _worker_main, (settings, i), f"worker-{i}")
+            return _fork(context, _worker_main, (settings, lane, i), f"worker-{lane}-{i}")
         return start
 
     stopping = StopFlag()
@@ -218,13 +232,15 @@ def serve(settings: Settings, *, ready: Callable[[str], None] | None = None) -> 
     for i in range(processes):
         start = _spawn_scp(i)
         children.append(_Child(f"scp-{i}", start, start()))
-    for i in range(settings.workers.count):
-        start = _spawn_worker(i)
-        children.append(_Child(f"worker-{i}", start, start()))
+    for lane_name, lane in settings.workers.lanes.items():
+        for i in range(lane.count):
+            start = _spawn_worker(lane_name, i)
+            children.append(_Child(f"worker-{lane_name}-{i}", start, start()))
+    lanes = ", ".join(f"{n} {lane.count}" for n, lane in settings.workers.lanes.items())
 
     message = (
         f"fednode listening on {cfg.host}:{cfg.port} as AE {settings.node.ae_title} "
-        f"({processes} SCP process(es), {settings.workers.count} worker(s))"
+        f"({processes} SCP process(es), worker lanes: {lanes})"
     )
     logger.info(message)
     if ready is not None:

@@ -1,7 +1,10 @@
 """The job loop of one worker process: lease, dispatch by kind, retry with backoff, heartbeat,
 dead-letter, graceful SIGTERM.
 
-A handler that returns completes its job. :class:`~node.pipeline.PermanentJobError`
+A worker serves the job kinds of one lane (``[workers.lanes.<name>]``): it leases only those
+kinds and runs only the periodic sweeps that belong to them (:mod:`node.jobs`).
+
+A handler that returns completes its job. :class:`~node.jobs.PermanentJobError`
 dead-letters at once; any other exception is retried after ``backoff_seconds * 2**(attempt-1)``
 (capped at ``backoff_max_seconds``, with ±20 % jitter so that failing jobs do not retry in
 lock-step) until ``max_attempts``, then dead-lettered with the last error. While a handler runs
@@ -17,16 +20,19 @@ import random
 import socket
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from node.config import WorkersSection
-from node.pipeline import PERIODIC, Handler, JobContext, PermanentJobError
+from node.jobs import PERIODIC, JobContext, PermanentJobError
 from node.stopflag import StopFlag
 from storage.audit import AuditKind
 from storage.errors import StorageError
 from storage.records import Job, JobState
 
 logger = logging.getLogger(__name__)
+
+JobFunction = Callable[[Job, JobContext], None]
+"""What the worker calls for a leased job (a registered :class:`node.jobs.Handler` is one)."""
 
 
 def backoff_delay(attempt: int, base: float, cap: float, *, jitter: float = 0.2) -> float:
@@ -36,18 +42,34 @@ def backoff_delay(attempt: int, base: float, cap: float, *, jitter: float = 0.2)
 
 
 class Worker:
-    """Leases and runs jobs of the registered kinds until :attr:`stop` is set."""
+    """Leases and runs jobs of its lane's kinds until :attr:`stop` is set.
+
+    Parameters
+    ----------
+    ctx : JobContext
+        The process's database, queue, keys and stores.
+    handlers : mapping of str to callable
+        ``handler(job, ctx)`` by job kind: the registered handlers
+        (:func:`node.jobs.load_handlers`, which parse the payload) or plain functions.
+    kinds : iterable of str, optional
+        The kinds this worker serves (its lane's); default: every kind in *handlers*, and every
+        sweep. Kinds without a handler are not leased (their jobs wait for a node that has one).
+    """
 
     def __init__(
         self,
         ctx: JobContext,
-        handlers: Mapping[str, Handler],
+        handlers: Mapping[str, JobFunction],
         *,
+        kinds: Iterable[str] | None = None,
         name: str | None = None,
         periodic: bool = True,
     ) -> None:
         self.ctx = ctx
-        self.handlers = dict(handlers)
+        self.kinds = None if kinds is None else frozenset(str(k) for k in kinds)
+        self.handlers = {
+            str(k): h for k, h in handlers.items() if self.kinds is None or k in self.kinds
+        }
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.stop = StopFlag()
         self.current: Job | None = None
@@ -79,18 +101,35 @@ class Worker:
 
     def run_periodic(self) -> None:
         now = time.monotonic()
-        for name, (interval, fn) in PERIODIC.items():
+        for name, sweep in PERIODIC.items():
+            if self.kinds is not None and sweep.kind not in self.kinds:
+                continue
             due = self._periodic_due.get(name, 0.0)
             if now < due:
                 continue
-            self._periodic_due[name] = now + interval
+            self._periodic_due[name] = now + sweep.every_seconds
             try:
-                fn(self.ctx)
+                sweep.fn(self.ctx)
             except Exception as exc:
                 logger.error("periodic task %s failed: %s: %s", name, type(exc).__name__, exc)
 
     def run_one(self, job: Job) -> JobState | None:
-        """Run one leased job to its outcome; return the job's new state."""
+        """Run one leased job to its outcome; return the job's new state.
+
+        A database error while recording the outcome (complete, retry, dead letter) does not
+        stop the worker: the job keeps its lease until it expires and then runs again (every
+        handler is idempotent). ``None`` is returned then.
+        """
+        try:
+            return self._run_one(job)
+        except StorageError as exc:
+            logger.warning(
+                "job %d (%s): cannot record its outcome (%s); it runs again after its lease",
+                job.id, job.kind, exc,
+            )
+            return None
+
+    def _run_one(self, job: Job) -> JobState | None:
         handler = self.handlers.get(job.kind)
         self.current = job
         beat_stop = threading.Event()

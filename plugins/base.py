@@ -349,8 +349,14 @@ class TaskPlugin(ABC):
 # Validation and fingerprints
 
 
-def check_plugin(plugin: TaskPlugin) -> None:
+def check_plugin(plugin: TaskPlugin, *, model: nn.Module | None = None) -> None:
     """Check that *plugin* describes itself consistently.
+
+    With *model* (a model of the plugin, trained or not), also check that the HE evaluator
+    can run it (:func:`plugins.he.he_circuit`: only ``conv -> x² -> linear -> x² -> linear``
+    with no other layer) and that CKKS parameters exist for it. Loading tasks does not pass a
+    model (that would import torch in every process); the inference service and ``fednode
+    infer`` do.
 
     Raises
     ------
@@ -395,6 +401,13 @@ def check_plugin(plugin: TaskPlugin) -> None:
         problems.append("he_encoding must be an HEEncoding")
     elif shape is not None:
         problems.extend(f"he_encoding: {p}" for p in he.problems(shape))
+    if model is not None and not problems:
+        from plugins.he import HECircuitError, choose_parameters, he_circuit
+
+        try:
+            choose_parameters(he_circuit(plugin, model), he.input_range)  # type: ignore[union-attr]
+        except HECircuitError as exc:
+            problems.append(f"model: {exc}")
     if problems:
         raise PluginLoadError(f"task plugin {name!r} is invalid: " + "; ".join(problems))
 

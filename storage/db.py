@@ -110,9 +110,24 @@ class Database:
             with self.engine.connect() as conn:
                 conn.exec_driver_sql("SELECT 1")
         except SQLAlchemyError as exc:
-            raise DatabaseUnavailable(
-                f"cannot reach the {self.dialect} database: {type(exc).__name__}"
-            ) from exc
+            raise self._unreachable(exc) from exc
+
+    def _unreachable(self, exc: SQLAlchemyError) -> DatabaseUnavailable:
+        """The error for a database that cannot be reached: where it was looked for (never
+        the password) and the driver's reason."""
+        parsed = make_url(self.url)
+        if self.dialect == "sqlite":
+            where = f"at {parsed.database}"
+        else:
+            where = f"at {parsed.host or 'the local socket'}:{parsed.port or 5432}"
+            if parsed.database:
+                where += f", database {parsed.database}"
+        orig = getattr(exc, "orig", None) or exc
+        lines = [line.strip() for line in str(orig).splitlines() if line.strip()]
+        reason = lines[0] if lines else type(orig).__name__
+        return DatabaseUnavailable(
+            f"cannot reach the {self.dialect} database {where}: {reason[:300]}"
+        )
 
     def warm_up(self) -> None:
         """Do now what the first transaction would otherwise pay for while a peer waits: the
@@ -132,9 +147,7 @@ class Database:
             with self.engine.connect() as conn:
                 return MigrationContext.configure(conn).get_current_revision()
         except SQLAlchemyError as exc:
-            raise DatabaseUnavailable(
-                f"cannot reach the {self.dialect} database: {type(exc).__name__}"
-            ) from exc
+            raise self._unreachable(exc) from exc
 
     def head_revision(self) -> str | None:
         from alembic.script import ScriptDirectory

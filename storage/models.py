@@ -188,7 +188,20 @@ class Label(Base):
 
 
 class Result(Base):
-    """A task's result for one version of a study; a newer version supersedes older ones."""
+    """A task's result for one version of a study; a newer version supersedes older ones.
+
+    One row per ``(study_key, task, study_version)`` (the ``infer`` job's idempotence rests on
+    that constraint). ``study_key`` is the pseudonymous Study Instance UID; nothing here is PHI.
+
+    Columns: ``label`` (the class :meth:`plugins.base.TaskPlugin.decide` chose), ``probability``
+    (of the task's positive class, after the node's sigmoid), ``model_id`` and
+    ``model_version`` (as the inference service published them), ``key_id`` (the node's CKKS
+    key the input was encrypted under; results keep it after a key rotation), ``timings``
+    (seconds per step: ``preprocess``, ``encrypt``, ``service``, ``decrypt``, ``total``),
+    ``bytes_sent`` / ``bytes_received`` (ciphertext bytes on the wire for this study, the
+    one-off context registration excluded) and ``superseded`` (a newer study version has a
+    result of its own).
+    """
 
     __tablename__ = "results"
     __table_args__ = (
@@ -202,8 +215,34 @@ class Result(Base):
     label: Mapped[str | None] = mapped_column(String(64))
     probability: Mapped[float | None] = mapped_column(Float)
     model_id: Mapped[str | None] = mapped_column(String(64))
+    model_version: Mapped[str | None] = mapped_column(String(64))
+    key_id: Mapped[str | None] = mapped_column(String(64))
+    timings: Mapped[dict[str, float] | None] = mapped_column(JSON)
+    bytes_sent: Mapped[int | None] = mapped_column(Integer)
+    bytes_received: Mapped[int | None] = mapped_column(Integer)
     superseded: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class HEKey(Base):
+    """A CKKS key of the node for one task encoding, its secret part sealed (AES-256-GCM).
+
+    ``sealed_secret`` is the TenSEAL context with its secret key, encrypted under a key derived
+    from the master secret (:mod:`node.keys`); it is never stored in clear. ``encoding`` is the
+    digest of the CKKS parameters the key belongs to. A key is used for new inputs until
+    ``rotate_after``; then a new key is made and this one is only kept (``retired_at``) so that
+    nothing that refers to it breaks.
+    """
+
+    __tablename__ = "he_keys"
+
+    key_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64), index=True)
+    encoding: Mapped[str] = mapped_column(String(64))
+    sealed_secret: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    rotate_after: Mapped[datetime] = mapped_column(UTCDateTime)
+    retired_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
 
 class NodeMeta(Base):
@@ -218,3 +257,46 @@ class NodeMeta(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+
+
+class Report(Base):
+    """A Structured Report built from one result; the SR itself is encrypted in the outbox.
+
+    Nothing here is PHI: the SR's UIDs are derived from the node's keys and are not stored.
+    ``outbox_name`` is cleared once the outbox file is deleted (after the retention period).
+    """
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), unique=True)
+    study_key: Mapped[str] = mapped_column(String(64), index=True)
+    task: Mapped[str] = mapped_column(String(64))
+    study_version: Mapped[int] = mapped_column(Integer)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    outbox_name: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    exported_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
+
+
+class ReportExport(Base):
+    """The delivery of one report to one destination (one ``export`` job)."""
+
+    __tablename__ = "report_exports"
+    __table_args__ = (
+        UniqueConstraint("report_id", "destination", name="uq_report_exports_destination"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    report_id: Mapped[int] = mapped_column(ForeignKey("reports.id"), index=True)
+    destination: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_status: Mapped[int | None] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
+    acked_at: Mapped[datetime | None] = mapped_column(UTCDateTime)

@@ -49,3 +49,23 @@ class Job:
     last_error: str | None = None
     dedupe_key: str | None = None
     updated_at: datetime | None = field(default=None, compare=False)
+
+
+class ReportState(StrEnum):
+    PENDING = "pending"
+    """The SR is in the encrypted outbox; not every destination has acknowledged it."""
+    EXPORTED = "exported"
+    """Every destination acknowledged the SR (it leaves the outbox after the retention)."""
+    SUPERSEDED = "superseded"
+    """A report of a newer study version replaced it before it was sent; it is not sent."""
+
+
+class ExportState(StrEnum):
+    QUEUED = "queued"
+    """Waiting for its (next) attempt."""
+    SENT = "sent"
+    """The destination acknowledged the C-STORE."""
+    DEAD = "dead"
+    """Every attempt failed (or the destination refused for good); ``fednode exports retry``."""
+    CANCELLED = "cancelled"
+    """Not sent: the report was superseded first."""

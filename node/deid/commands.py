@@ -11,11 +11,14 @@ pseudonym): **these files hold PHI** and are written readable by the owner only.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -23,8 +26,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from node.cli_common import console
-from node.config import load_settings
+from node.cli_common import ConfigOpt, VerboseOpt, console, plain
+from node.config import load_settings, require_config
 from node.deid.engine import Deidentifier, DeidResult
 from node.errors import DeidError, ExitCode, RejectedInstance
 from node.keys import load_keys
@@ -61,14 +64,57 @@ def iter_files(inputs: list[Path], skip: Path | None = None) -> Iterator[Path]:
             yield item
 
 
+class Outcome(StrEnum):
+    """What became of one input file."""
+
+    DEIDENTIFIED = "deidentified"
+    REJECTED = "rejected"
+    """Not admitted (burned-in text and no pixel rule, pixel data that does not decode ...)."""
+    FAILED = "failed"
+    """Could not be read or de-identified, or the output failed the residue check."""
+    SKIPPED = "skipped"
+    """Not a DICOM file."""
+    COLLISION = "collision"
+    """Shares its SOP Instance UID with an earlier input of the run but differs from it: not
+    written (it would overwrite that output)."""
+    DUPLICATE = "duplicate"
+    """The same instance as an earlier input of the run (same SOP Instance UID, same output)."""
+
+
+@dataclass(frozen=True)
+class FileResult:
+    """One input file's outcome (for the summary, ``-v`` and ``--report``)."""
+
+    path: Path
+    outcome: Outcome
+    reason: str = ""
+    output: Path | None = None
+
+
 @dataclass
 class Summary:
-    """What one run did (counts, and the reasons of rejections and failures)."""
+    """What one run did, file by file."""
 
-    done: int = 0
-    skipped: int = 0
-    rejected: list[tuple[Path, str]] = field(default_factory=list)
-    failed: list[tuple[Path, str]] = field(default_factory=list)
+    results: list[FileResult] = field(default_factory=list)
+
+    def of(self, outcome: Outcome) -> list[FileResult]:
+        return [r for r in self.results if r.outcome is outcome]
+
+    @property
+    def done(self) -> int:
+        return len(self.of(Outcome.DEIDENTIFIED))
+
+    @property
+    def skipped(self) -> int:
+        return len(self.of(Outcome.SKIPPED))
+
+    @property
+    def rejected(self) -> list[tuple[Path, str]]:
+        return [(r.path, r.reason) for r in self.of(Outcome.REJECTED)]
+
+    @property
+    def failed(self) -> list[tuple[Path, str]]:
+        return [(r.path, r.reason) for r in self.of(Outcome.FAILED)]
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -93,39 +139,89 @@ def run(
 ) -> Summary:
     """De-identify *files* into *out*; collect the maps into *maps* when given."""
     summary = Summary()
+    written: dict[Path, tuple[Path, str]] = {}  # output -> (input, digest of the output)
     task = progress.add_task("de-identifying", total=len(files)) if progress else None
     for path in files:
         try:
-            try:
-                data = path.read_bytes()
-            except OSError as exc:
-                summary.failed.append((path, f"cannot read: {exc.strerror}"))
-                continue
-            if not is_dicom(data[:132]):
-                summary.skipped += 1
-                continue
-            try:
-                result = engine.deidentify_file(data)
-            except RejectedInstance as exc:
-                summary.rejected.append((path, str(exc)))
-                continue
-            except DeidError as exc:
-                summary.failed.append((path, str(exc)))
-                continue
-            if result.residue:
-                summary.failed.append(
-                    (path, "residue check failed: " + ", ".join(result.residue))
-                )
-                continue
-            _write(output_path(out, result), result.data)
-            summary.done += 1
-            if maps is not None:
-                maps[0].update(result.uid_map)
-                maps[1].add(result.patient_map)
+            summary.results.append(_one(engine, path, out, written, maps))
         finally:
             if progress is not None and task is not None:
                 progress.advance(task)
     return summary
+
+
+def _one(
+    engine: Deidentifier,
+    path: Path,
+    out: Path,
+    written: dict[Path, tuple[Path, str]],
+    maps: tuple[dict[str, str], set[tuple[str, str, str, str]]] | None,
+) -> FileResult:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return FileResult(path, Outcome.FAILED, f"cannot read: {exc.strerror}")
+    if not is_dicom(data[:132]):
+        return FileResult(path, Outcome.SKIPPED, "not a DICOM file (no DICM prefix or dataset)")
+    try:
+        result = engine.deidentify_file(data)
+    except RejectedInstance as exc:
+        return FileResult(path, Outcome.REJECTED, str(exc))
+    except DeidError as exc:
+        return FileResult(path, Outcome.FAILED, str(exc))
+    if result.residue:
+        return FileResult(
+            path, Outcome.FAILED, "residue check failed: " + ", ".join(result.residue)
+        )
+    target = output_path(out, result)
+    digest = hashlib.sha256(result.data).hexdigest()
+    earlier = written.get(target)
+    if earlier is not None:
+        first, first_digest = earlier
+        if first_digest == digest:
+            return FileResult(
+                path, Outcome.DUPLICATE, f"the same instance as {first} (same output)", target
+            )
+        return FileResult(
+            path,
+            Outcome.COLLISION,
+            f"its SOP Instance UID is also that of {first}, whose output it would overwrite; "
+            "not written",
+        )
+    _write(target, result.data)
+    written[target] = (path, digest)
+    if maps is not None:
+        maps[0].update(result.uid_map)
+        maps[1].add(result.patient_map)
+    return FileResult(path, Outcome.DEIDENTIFIED, output=target)
+
+
+REPORT_FIELDS = ("input", "outcome", "reason", "output")
+
+
+def write_report(path: Path, summary: Summary) -> None:
+    """Write the per-file report: JSON when *path* ends in ``.json``, else CSV.
+
+    Input paths are the operator's own file names (the report stays with the originals);
+    outputs are pseudonymous paths.
+    """
+    rows = [
+        {
+            "input": str(r.path),
+            "outcome": r.outcome.value,
+            "reason": r.reason,
+            "output": str(r.output) if r.output is not None else "",
+        }
+        for r in summary.results
+    ]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix.lower() == ".json":
+        path.write_text(json.dumps(rows, indent=2) + "\n", encoding="utf-8")
+        return
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REPORT_FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def write_maps(out: Path, uids: dict[str, str], patients: set[tuple[str, str, str, str]]) -> None:
@@ -156,16 +252,36 @@ def deid(
             help="also write uid_map.csv and patient_map.csv (original -> pseudonym: PHI!)",
         ),
     ] = False,
-    config: Annotated[
+    report: Annotated[
         Path | None,
-        typer.Option("--config", "-c", help="config file (default ./fednode.toml)"),
+        typer.Option(
+            "--report",
+            help="write every input's outcome to this file: JSON if it ends in .json, else CSV "
+            "(input, outcome, reason, output)",
+        ),
     ] = None,
+    verbose: VerboseOpt = False,
+    config: ConfigOpt = None,
 ) -> None:
     """De-identify DICOM files offline (PS3.15 Annex E) with the node's profile and keys."""
     for item in inputs:
         if not item.exists():
             raise typer.BadParameter(f"{item} does not exist", param_hint="INPUT")
-    settings = load_settings(config)
+    resolved_out = out.resolve()
+    for item in inputs:
+        folder = item.resolve()
+        if item.is_dir() and resolved_out.is_relative_to(folder):
+            raise typer.BadParameter(
+                f"the output folder {out} is inside the input folder {item}: its outputs would "
+                "be read as inputs; choose an output folder outside it",
+                param_hint="--out",
+            )
+        if resolved_out == folder or folder.is_relative_to(resolved_out):
+            raise typer.BadParameter(
+                f"the input {item} is inside the output folder {out}; choose another --out",
+                param_hint="--out",
+            )
+    settings = load_settings(require_config(config))
     keys = load_keys(settings.secret_path)
     engine = Deidentifier(settings.deid, keys.site)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,29 +300,48 @@ def deid(
         summary = run(engine, files, out, maps=maps, progress=progress)
     if maps is not None:
         write_maps(out, *maps)
-    _report(summary, out, with_maps)
-    if summary.failed:
+    if report is not None:
+        write_report(report, summary)
+    _report(summary, out, with_maps, verbose=verbose, report=report)
+    if summary.failed or summary.of(Outcome.COLLISION):
         raise typer.Exit(int(ExitCode.DEID))
 
 
-def _report(summary: Summary, out: Path, with_maps: bool) -> None:
+def _report(
+    summary: Summary, out: Path, with_maps: bool, *, verbose: bool, report: Path | None
+) -> None:
     table = Table(title="fednode deid", show_header=False)
     table.add_row("de-identified", str(summary.done))
     table.add_row("rejected", str(len(summary.rejected)))
     table.add_row("failed", str(len(summary.failed)))
     table.add_row("skipped (not DICOM)", str(summary.skipped))
-    table.add_row("output", str(out))
+    collisions = summary.of(Outcome.COLLISION)
+    duplicates = summary.of(Outcome.DUPLICATE)
+    if collisions:
+        table.add_row("not written (SOP Instance UID collision)", str(len(collisions)))
+    if duplicates:
+        table.add_row("duplicates (same instance again)", str(len(duplicates)))
+    table.add_row("output", plain(out))
+    if report is not None:
+        table.add_row("report", plain(report))
     console.print(table)
-    if summary.rejected:
+    if summary.rejected and not verbose:
         reasons = Counter(reason for _, reason in summary.rejected)
         rej = Table(title="rejected (not admitted)")
         rej.add_column("files", justify="right")
         rej.add_column("reason")
         for reason, count in reasons.most_common():
-            rej.add_row(str(count), reason)
+            rej.add_row(str(count), plain(reason))
         console.print(rej)
-    for path, reason in summary.failed:
-        console.print(f"[red]failed[/] {path}: {reason}")
+    for r in summary.results:
+        if r.outcome in (Outcome.FAILED, Outcome.COLLISION):
+            console.print(f"[red]{r.outcome.value}[/] {plain(r.path)}: {plain(r.reason)}")
+        elif verbose and r.outcome is not Outcome.DEIDENTIFIED:
+            console.print(f"[yellow]{r.outcome.value}[/] {plain(r.path)}: {plain(r.reason)}")
+        elif verbose:
+            console.print(f"[green]{r.outcome.value}[/] {plain(r.path)} -> {plain(r.output)}")
+    if (summary.rejected or summary.skipped) and not verbose and report is None:
+        console.print("name the rejected and skipped files with -v, or write them with --report")
     if with_maps:
         console.print(
             "[yellow]uid_map.csv and patient_map.csv hold PHI (original identifiers): "

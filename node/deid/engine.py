@@ -114,6 +114,9 @@ DUMMY_TEXT: Final = b"ANONYMIZED"
 """The dummy value (action D) of the text VRs; fits SH (16) and CS (16)."""
 _REGISTERED_ROOT = "1.2.840.10008."
 _PIXEL_TAGS = frozenset({0x7FE00008, 0x7FE00009, 0x7FE00010})
+# Samples per Pixel, Photometric Interpretation, Number of Frames, Bits Allocated: with Rows
+# and Columns, the size of native Pixel Data (PS3.5 8.1.1, PS3.3 C.7.6.3).
+_PIXEL_SIZE_TAGS = frozenset({0x00280002, 0x00280004, 0x00280008, 0x00280100})
 
 _TEXT_VRS = frozenset({"AE", "LO", "LT", "SH", "ST", "UC", "UT", "UR"})
 
@@ -256,6 +259,11 @@ VAULT_STUDY_TAGS: frozenset[int] = frozenset(
         0x00200010, 0x00321033, 0x00321034, 0x00401012,
     }
 )
+
+_TOP_TAGS: frozenset[int] = (
+    frozenset(_HEADER_TAGS) | VAULT_STUDY_TAGS | _PIXEL_TAGS | _PIXEL_SIZE_TAGS
+)
+"""The top-level elements a run keeps a handle on (header facts, vault, pixel module)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -850,7 +858,7 @@ class _Run:
             raise MalformedDataset("the transfer syntax is not a DICOM transfer syntax")
         elems = parse(self.buf, self.syntax)
         for el in elems:
-            if el.tag in _HEADER_TAGS or el.tag in VAULT_STUDY_TAGS or el.tag in _PIXEL_TAGS:
+            if el.tag in _TOP_TAGS:
                 self.top[el.tag] = el
         e = self.e
         sop_class = self.text(0x00080016) or ""
@@ -861,6 +869,7 @@ class _Run:
             raise RejectedInstance("the dataset has no SOP Class UID or SOP Instance UID")
         study_uid = self.text(0x0020000D) or ""
         series_uid = self.text(0x0020000E) or ""
+        self.check_pixel_size()
 
         decision = pixels.assess(
             pixels.Header(
@@ -943,6 +952,44 @@ class _Run:
             patient_map=(pid, name, self.patient_out, self.name_out),
             date_offset_days=self.offset,
         )
+
+    def check_pixel_size(self) -> None:
+        """Refuse native Pixel Data shorter than its Image Pixel module says (PS3.5 8.1.1):
+        a truncated instance would be written out with pixels that no longer decode.
+
+        Longer values (padding) are left alone, as readers accept them.
+        """
+        el = self.top.get(0x7FE00010)
+        if el is None or self.syntax not in _NATIVE:
+            return
+        rows, columns = self.us(0x00280010), self.us(0x00280011)
+        bits = self.us(0x00280100)
+        if not rows or not columns or not bits:
+            raise RejectedInstance(
+                "Pixel Data is present but Rows, Columns or Bits Allocated is missing or 0 "
+                "(PS3.3 C.7.6.3): the pixels cannot be decoded"
+            )
+        samples = self.us(0x00280002) or 1
+        frames_text = (self.text(0x00280008) or "1").strip()
+        try:
+            frames = max(1, int(frames_text))
+        except ValueError:
+            raise RejectedInstance(
+                "Number of Frames is not an integer: the pixels cannot be decoded"
+            ) from None
+        photometric = (self.text(0x00280004) or "").strip().upper()
+        # 4:2:2 subsampled YCbCr: two chroma samples shared by each pair of pixels
+        # (PS3.3 C.7.6.3.1.2), so two values per pixel on average.
+        per_pixel = 2 if samples == 3 and photometric.endswith("_422") else samples
+        needed = (rows * columns * per_pixel * frames * bits + 7) // 8
+        present = el.vend - el.vstart
+        if present < needed:
+            raise RejectedInstance(
+                f"Pixel Data holds {present} bytes, its Image Pixel module needs {needed} "
+                f"(Rows {rows} x Columns {columns} x Samples per Pixel {samples} x Bits "
+                f"Allocated {bits} x {frames} frame(s)): the instance is truncated or its pixel "
+                "data does not match its pixel module, and would not decode"
+            )
 
     def identity(
         self,

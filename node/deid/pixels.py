@@ -31,22 +31,23 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_BURNED_IN_MODALITIES = ("US", "SC", "OT", "XC", "ES", "DOC")
 
-BURNED_IN_SOP_CLASSES: frozenset[str] = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image
-        "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit Secondary Capture
-        "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte Secondary Capture
-        "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word Secondary Capture
-        "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color Secondary Capture
-        "1.2.840.10008.5.1.4.1.1.104.1",  # Encapsulated PDF
-        "1.2.840.10008.5.1.4.1.1.104.2",  # Encapsulated CDA
-        "1.2.840.10008.5.1.4.1.1.104.3",  # Encapsulated STL
-        "1.2.840.10008.5.1.4.1.1.104.4",  # Encapsulated OBJ
-        "1.2.840.10008.5.1.4.1.1.104.5",  # Encapsulated MTL
-        "1.2.840.10008.5.1.4.1.1.6.1",  # Ultrasound Image
-        "1.2.840.10008.5.1.4.1.1.3.1",  # Ultrasound Multi-frame Image
-    }
-)
+SOP_CLASS_NAMES: dict[str, str] = {
+    "1.2.840.10008.5.1.4.1.1.7": "Secondary Capture Image",
+    "1.2.840.10008.5.1.4.1.1.7.1": "Multi-frame Single Bit Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.2": "Multi-frame Grayscale Byte Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.3": "Multi-frame Grayscale Word Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.7.4": "Multi-frame True Color Secondary Capture",
+    "1.2.840.10008.5.1.4.1.1.104.1": "Encapsulated PDF",
+    "1.2.840.10008.5.1.4.1.1.104.2": "Encapsulated CDA",
+    "1.2.840.10008.5.1.4.1.1.104.3": "Encapsulated STL",
+    "1.2.840.10008.5.1.4.1.1.104.4": "Encapsulated OBJ",
+    "1.2.840.10008.5.1.4.1.1.104.5": "Encapsulated MTL",
+    "1.2.840.10008.5.1.4.1.1.6.1": "Ultrasound Image",
+    "1.2.840.10008.5.1.4.1.1.3.1": "Ultrasound Multi-frame Image",
+}
+"""The SOP Classes whose instances are gated when Burned In Annotation is absent, by name."""
+
+BURNED_IN_SOP_CLASSES: frozenset[str] = frozenset(SOP_CLASS_NAMES)
 """SOP Classes whose instances are gated when Burned In Annotation is absent."""
 
 PIXEL_MODULE_TAGS: frozenset[int] = frozenset(
@@ -117,11 +118,14 @@ def assess(header: Header, config: DeidSection) -> Decision:
     """
     if header.burned_in == "YES":
         why = "Burned In Annotation is YES"
-    elif header.burned_in is None and (
-        header.modality in config.burned_in_modalities
-        or header.sop_class_uid in BURNED_IN_SOP_CLASSES
-    ):
-        why = f"Burned In Annotation is absent on a {header.modality or 'modality-less'} instance"
+    elif header.burned_in is None and header.sop_class_uid in BURNED_IN_SOP_CLASSES:
+        name = SOP_CLASS_NAMES.get(header.sop_class_uid, header.sop_class_uid)
+        why = f"Burned In Annotation is absent and the SOP class is {name}"
+    elif header.burned_in is None and header.modality in config.burned_in_modalities:
+        why = (
+            f"Burned In Annotation is absent and the modality {header.modality} is one of "
+            "[deid] burned_in_modalities"
+        )
     else:
         return Decision(None, "NO" if header.burned_in == "NO" else None)
     if not header.has_pixels:

@@ -52,6 +52,7 @@ from node.deid.pseudonyms import uid_pseudonym
 from node.dicom.inspect import DatasetHeader, inspect_dataset
 from node.dicom.status import Status
 from node.errors import InstanceTooLarge, MalformedDataset
+from node.jobs import DeidentifyPayload, deidentify_dedupe_key, enqueue
 from storage.audit import AuditKind
 from storage.db import Database, PreparedInsert
 from storage.errors import CommitOutcomeUnknown, DatabaseUnavailable, StorageError
@@ -63,7 +64,6 @@ from storage.spool import Spool
 
 logger = logging.getLogger(__name__)
 
-DEIDENTIFY = "deidentify"
 _ROW_COLUMNS = ("sop_key", "study_key", "series_key", "sop_class_uid", "transfer_syntax_uid",
                 "calling_ae", "size_bytes", "state", "spool_name")
 # Most instances one group commit writes (bounds the transaction and the wait behind it).
@@ -214,10 +214,10 @@ class Receiver:
                 for row in rows:
                     instance_id = self._insert_row(conn, row)
                     if instance_id is not None:
-                        self.queue.enqueue(
-                            DEIDENTIFY,
-                            {"instance_id": instance_id},
-                            dedupe_key=f"{DEIDENTIFY}:{row['sop_key']}",
+                        enqueue(
+                            self.queue,
+                            DeidentifyPayload(instance_id),
+                            dedupe_key=deidentify_dedupe_key(row["sop_key"]),
                             session=conn,
                         )
                     ids.append(instance_id)

@@ -3,7 +3,7 @@
 DICOM has no end-of-study signal, so the node does what DICOM routers do: a study is complete
 when no instance of it arrived for ``[tasks] quiet_period_seconds`` (and none is still waiting
 for de-identification). The worker processes run :func:`sweep` periodically (registered with
-:func:`node.pipeline.periodic`, at most every ``[tasks] sweep_seconds``); it is safe in several
+:func:`node.jobs.periodic`, at most every ``[tasks] sweep_seconds``); it is safe in several
 processes at once because a study is completed by one conditional ``UPDATE`` (only the process
 whose update changes the row queues the jobs, in the same transaction) and every job has a
 dedupe key ``infer:<task>:<study_key>:v<version>``.
@@ -27,7 +27,8 @@ from pydicom.dataset import Dataset
 from sqlalchemy import exists, func, select, update
 from sqlalchemy.sql.expression import Exists
 
-from node.pipeline import JobContext, periodic
+from node.jobs import InferPayload, JobContext, JobKind, enqueue, periodic
+from node.logs import short_key
 from node.tasks import load_tasks
 from node.tasks.studies import StudyDataError, accepted_by, instances_of, read_header
 from plugins.base import TaskPlugin
@@ -37,7 +38,6 @@ from storage.records import InstanceState, StudyState
 
 logger = logging.getLogger(__name__)
 
-INFER_KIND = "infer"
 TICK_SECONDS = 1.0
 """How often the worker offers the sweep a chance to run; the sweep itself runs at most every
 ``[tasks] sweep_seconds``."""
@@ -89,7 +89,9 @@ def _complete_one(
             headers[inst.sop_key] = read_header(ctx.blobs, inst.blob_digest)
         except (StorageError, StudyDataError) as exc:
             logger.warning(
-                "study %s: instance %s not offered to tasks: %s", study_key, inst.sop_key, exc
+                "study %s: instance %s not offered to tasks: %s",
+                short_key(study_key), short_key(inst.sop_key), exc,
+                extra={"study_key": study_key, "sop_key": inst.sop_key},
             )
     selected = accepted_by(tasks, headers)
     queued = 0
@@ -120,26 +122,27 @@ def _complete_one(
             .values(superseded=True)
         )
         for name, sop_keys in selected.items():
-            job_id = ctx.queue.enqueue(
-                INFER_KIND,
-                {
-                    "study_key": study_key,
-                    "study_version": version,
-                    "task": name,
-                    "task_version": tasks[name].version,
-                    "sop_keys": sop_keys,
-                },
+            job_id = enqueue(
+                ctx.queue,
+                InferPayload(
+                    study_key=study_key,
+                    study_version=version,
+                    task=name,
+                    task_version=tasks[name].version,
+                    sop_keys=tuple(sop_keys),
+                ),
                 dedupe_key=infer_dedupe_key(name, study_key, version),
                 session=session,
             )
             queued += job_id is not None
     logger.info(
         "study %s version %d complete (%d of %d instances de-identified); infer queued for: %s",
-        study_key,
+        short_key(study_key),
         version,
         len(instances),
         count,
         ", ".join(selected) or "no task",
+        extra={"study_key": study_key, "study_version": version},
     )
     return "completed", queued
 
@@ -190,7 +193,7 @@ def sweep(
 _last_sweep: dict[int, float] = {}
 
 
-@periodic("assemble", TICK_SECONDS)
+@periodic("assemble", TICK_SECONDS, kind=JobKind.ASSEMBLE)
 def assemble_periodic(ctx: JobContext) -> None:
     """The worker's periodic hook: :func:`sweep` at most every ``[tasks] sweep_seconds``."""
     now = time.monotonic()

@@ -1,6 +1,6 @@
 """The ``deidentify`` job: from the encrypted spool to a de-identified instance (PS3.15 Annex E).
 
-For one received instance (payload ``{"instance_id": <int>}``) the handler
+For one received instance (:class:`~node.jobs.DeidentifyPayload`) the handler
 
 1. loads the ``instances`` row and decrypts the spool item (the dataset as received, in the
    negotiated transfer syntax, deflate included);
@@ -37,15 +37,15 @@ from node.config import Settings
 from node.deid import vault
 from node.deid.engine import Deidentifier, DeidResult
 from node.errors import MalformedDataset, RejectedInstance
+from node.jobs import DeidentifyPayload, JobContext, JobKind, PermanentJobError, periodic, register
 from node.keys import NodeKeys
-from node.pipeline import JobContext, PermanentJobError, periodic, register
+from node.logs import short_key
 from storage.audit import AuditKind, record
 from storage.models import DeidInstance, Instance, Series, Study
 from storage.records import InstanceState, Job, StudyState
 
 logger = logging.getLogger(__name__)
 
-KIND = "deidentify"
 SWEEP_SECONDS = 600.0
 """How often the workers look for rejected instances whose retention has passed, and for
 orphan spool items."""
@@ -79,13 +79,10 @@ def _set_state(ctx: JobContext, instance_id: int, state: InstanceState, **values
         )
 
 
-@register(KIND)
-def deidentify_job(job: Job, ctx: JobContext) -> None:
+@register(JobKind.DEIDENTIFY)
+def deidentify_job(job: Job, payload: DeidentifyPayload, ctx: JobContext) -> None:
     """Handle one ``deidentify`` job (see the module documentation)."""
-    try:
-        instance_id = int(job.payload["instance_id"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PermanentJobError("the job payload has no integer instance_id") from exc
+    instance_id = payload.instance_id
     try:
         _run(job, ctx, instance_id)
     except PermanentJobError:
@@ -147,10 +144,11 @@ def _run(job: Job, ctx: JobContext, instance_id: int) -> None:
     logger.info(
         "instance %d de-identified: study %s, %d bytes, %s%s",
         instance_id,
-        study_key[:16],
+        short_key(study_key),
         len(result.data),
         "+".join(c.value for c in result.options),
         f", pixels cleaned by rule {result.pixel_rule!r}" if result.pixels_cleaned else "",
+        extra={"instance_id": instance_id, "study_key": study_key},
     )
 
 
@@ -186,7 +184,8 @@ def _record(
         study.state = StudyState.RECEIVING.value
         study.version += 1
         study.completed_at = None
-        logger.info("study %s re-opened at version %d", study_key[:16], study.version)
+        logger.info("study %s re-opened at version %d", short_key(study_key), study.version,
+                    extra={"study_key": study_key, "study_version": study.version})
     study.last_received_at = now
     if study.patient_key is None:
         study.patient_key = result.patient_key
@@ -279,13 +278,13 @@ def _reject(ctx: JobContext, instance_id: int, sop_key: str, study_key: str, rea
     logger.warning("instance %d not admitted: %s", instance_id, reason)
 
 
-@periodic("deid-sweep-rejected", SWEEP_SECONDS)
+@periodic("deid-sweep-rejected", SWEEP_SECONDS, kind=JobKind.DEIDENTIFY)
 def sweep_rejected(ctx: JobContext) -> None:
     """Periodic worker sweep: :func:`remove_rejected_spool` every ``SWEEP_SECONDS``."""
     remove_rejected_spool(ctx)
 
 
-@periodic("spool-sweep-orphans", SWEEP_SECONDS)
+@periodic("spool-sweep-orphans", SWEEP_SECONDS, kind=JobKind.DEIDENTIFY)
 def sweep_orphans(ctx: JobContext) -> None:
     """Periodic worker sweep: :func:`remove_orphan_spool` every ``SWEEP_SECONDS``."""
     remove_orphan_spool(ctx)

@@ -245,8 +245,9 @@ def train(
     seeded held-out split; save the model artifact in [tasks] models_dir."""
     if not local:
         raise UsageError(
-            "pass --local to train on this node's data; federated training is run by the "
-            "federation commands"
+            "pass --local to train on this node's labelled data alone; federated training "
+            "is not started with `train`: enrol the node and take part in a federation's rounds "
+            "with `fednode federation` (see `fednode federation --help`)"
         )
     from node.runtime import open_context
     from node.tasks import get_task

@@ -16,10 +16,11 @@ from pydicom.dataset import Dataset as DicomDataset
 from sqlalchemy import select
 from torch.utils.data import Dataset
 
-from node.pipeline import PermanentJobError
+from node.logs import short_key
 from node.tasks.studies import (
     StoredInstance,
     StudyDataError,
+    TaskInputError,
     instances_of,
     preprocess,
     read_header,
@@ -85,7 +86,8 @@ def labelled_studies(
             try:
                 header = read_header(blobs, inst.blob_digest)
             except (StorageError, StudyDataError) as exc:
-                logger.warning("study %s: instance %s unreadable: %s", key, inst.sop_key, exc)
+                logger.warning("study %s: instance %s unreadable: %s", short_key(key),
+                               short_key(inst.sop_key), exc, extra={"study_key": key})
                 continue
             if safe_accepts(plugin, header):
                 accepted.append(inst)
@@ -130,15 +132,12 @@ class StudyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
 
         Raises
         ------
-        PermanentJobError
+        TaskInputError
             If the task's preprocessing fails (the message names the task and the reason).
         """
         if self._cache is not None and index in self._cache:
             return self._cache[index]
-        try:
-            datasets = self.datasets(index)
-        except StudyDataError as exc:
-            raise PermanentJobError(str(exc)) from exc
+        datasets = self.datasets(index)
         tensor = torch.from_numpy(preprocess(self.plugin, datasets))
         if self._cache is not None:
             self._cache[index] = tensor
@@ -173,9 +172,11 @@ class StudyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         for index in range(len(self)):
             try:
                 x, y = self[index]
-            except (PermanentJobError, StorageError) as exc:
+            except (TaskInputError, StorageError) as exc:
                 skipped.append(Skipped(self.studies[index].study_key, str(exc)))
-                logger.warning("study %s left out: %s", self.studies[index].study_key, exc)
+                key = self.studies[index].study_key
+                logger.warning("study %s left out: %s", short_key(key), exc,
+                               extra={"study_key": key})
             else:
                 inputs.append(x)
                 targets.append(y)

@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from io import BytesIO
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from pydicom import dcmread
@@ -21,14 +21,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from node.errors import NodeError, PluginError
-from node.pipeline import PermanentJobError
+from node.logs import short_key
 from plugins.base import TaskPlugin, TaskPluginError
 from storage.blobs import BlobStore
 from storage.errors import StorageError
 from storage.models import DeidInstance, Study
 
 if TYPE_CHECKING:
-    from node.pipeline import JobContext
+    from node.jobs import InferPayload, JobContext
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,15 @@ MAX_MESSAGE = 300
 """Longest plugin message kept in a job error."""
 
 
-class StudyDataError(NodeError):
+class TaskInputError(NodeError):
+    """A study cannot become the input of a task.
+
+    Retrying cannot help (the data or the configuration is wrong); a job handler turns it into
+    :class:`node.jobs.PermanentJobError`, ``fednode train`` leaves the study out.
+    """
+
+
+class StudyDataError(TaskInputError):
     """A stored de-identified instance could not be read as DICOM."""
 
 
@@ -136,7 +144,7 @@ def preprocess(plugin: TaskPlugin, datasets: Sequence[Dataset]) -> np.ndarray:
 
     Raises
     ------
-    PermanentJobError
+    TaskInputError
         If the plugin raises or returns something other than ``float32`` of its input shape
         within its HE input range; the message names the task, its version and the reason.
     """
@@ -144,19 +152,19 @@ def preprocess(plugin: TaskPlugin, datasets: Sequence[Dataset]) -> np.ndarray:
     try:
         array = plugin.preprocess(datasets)
     except TaskPluginError as exc:
-        raise PermanentJobError(f"{where}: preprocessing failed: {_short(exc)}") from exc
+        raise TaskInputError(f"{where}: preprocessing failed: {_short(exc)}") from exc
     except Exception as exc:
-        raise PermanentJobError(
+        raise TaskInputError(
             f"{where}: preprocessing raised {type(exc).__name__}: {_short(exc)}"
         ) from exc
     if not isinstance(array, np.ndarray) or array.shape != plugin.input_shape:
         shape = getattr(array, "shape", type(array).__name__)
-        raise PermanentJobError(
+        raise TaskInputError(
             f"{where}: preprocessing returned {shape}, expected {plugin.input_shape}"
         )
     lo, hi = plugin.he_encoding.input_range
     if not np.all(np.isfinite(array)) or array.min() < lo - 1e-6 or array.max() > hi + 1e-6:
-        raise PermanentJobError(f"{where}: preprocessing returned values outside [{lo}, {hi}]")
+        raise TaskInputError(f"{where}: preprocessing returned values outside [{lo}, {hi}]")
     return array.astype(np.float32, copy=False)
 
 
@@ -173,7 +181,7 @@ def current_version(session: Session, study_key: str) -> int | None:
 
 
 def prepare_task_input(
-    ctx: JobContext, payload: Mapping[str, Any], tasks: Mapping[str, TaskPlugin] | None = None
+    ctx: JobContext, payload: InferPayload, tasks: Mapping[str, TaskPlugin] | None = None
 ) -> TaskInput | None:
     """Read and preprocess the study an ``infer`` job names: the first step of inference.
 
@@ -181,9 +189,8 @@ def prepare_task_input(
     ----------
     ctx : JobContext
         The worker's context.
-    payload : mapping
-        The job payload written by :mod:`node.pipeline.assemble`: ``study_key``,
-        ``study_version``, ``task`` and ``sop_keys``.
+    payload : InferPayload
+        The ``infer`` job's payload (queued by :mod:`node.pipeline.assemble`).
     tasks : mapping of str to TaskPlugin, optional
         The enabled tasks (default: loaded from ``ctx.settings``).
 
@@ -195,47 +202,40 @@ def prepare_task_input(
 
     Raises
     ------
-    PermanentJobError
-        A malformed payload, a task that is not enabled or cannot be loaded, or a plugin that
-        fails to preprocess: retrying cannot help, the job is dead-lettered with the reason.
+    TaskInputError
+        A task that is not enabled or cannot be loaded, a study that is not in storage, or a
+        plugin that fails to preprocess: retrying cannot help.
     """
-    try:
-        study_key = str(payload["study_key"])
-        version = int(payload["study_version"])
-        name = str(payload["task"])
-        sop_keys = [str(k) for k in payload["sop_keys"]]
-    except (KeyError, TypeError, ValueError) as exc:
-        raise PermanentJobError(f"malformed infer payload: {type(exc).__name__}") from exc
+    study_key, version, name = payload.study_key, payload.study_version, payload.task
+    sop_keys = payload.sop_keys
     if tasks is None:
         from node.tasks import load_tasks
 
         try:
             tasks = load_tasks(ctx.settings)
         except PluginError as exc:
-            raise PermanentJobError(f"task {name!r} cannot be loaded: {exc}") from exc
+            raise TaskInputError(f"task {name!r} cannot be loaded: {exc}") from exc
     plugin = tasks.get(name)
     if plugin is None:
-        raise PermanentJobError(f"task {name!r} is not enabled on this node")
+        raise TaskInputError(f"task {name!r} is not enabled on this node")
     with ctx.db.session() as session:
         current = current_version(session, study_key)
         if current is None:
-            raise PermanentJobError(f"study {study_key} is not in storage")
+            raise TaskInputError(f"study {study_key} is not in storage")
         if current != version:
             logger.info(
                 "study %s is at version %d; job for version %d superseded",
-                study_key,
+                short_key(study_key),
                 current,
                 version,
+                extra={"study_key": study_key},
             )
             return None
         wanted = set(sop_keys)
         instances = [i for i in instances_of(session, study_key) if i.sop_key in wanted]
     if not instances:
-        raise PermanentJobError(f"study {study_key} has none of the instances the job names")
-    try:
-        datasets = study_datasets(ctx.blobs, instances)
-    except StudyDataError as exc:
-        raise PermanentJobError(str(exc)) from exc
+        raise TaskInputError(f"study {study_key} has none of the instances the job names")
+    datasets = study_datasets(ctx.blobs, instances)
     array = preprocess(plugin, datasets)
     return TaskInput(
         task=plugin.name,

@@ -113,31 +113,49 @@ def _logits(model: nn.Module, inputs: torch.Tensor, batch: int = 256) -> torch.T
     return torch.cat(parts) if parts else torch.zeros(0)
 
 
-def _fit(
+def fit_round(
     plugin: TaskPlugin,
     model: nn.Module,
     inputs: torch.Tensor,
     targets: torch.Tensor,
     options: TrainOptions,
-    progress: Progress | None,
-) -> None:
-    generator = torch.Generator().manual_seed(options.seed)
+    *,
+    epochs: int,
+    learning_rate: float,
+    seed: int,
+    progress: Progress | None = None,
+) -> float:
+    """Train *model* in place for *epochs* epochs with a schedule of its own.
+
+    One call is one unit of training: a fresh Adam optimiser starting at *learning_rate*,
+    annealed by a cosine schedule over these *epochs*, and a shuffling generator seeded with
+    *seed*. Local training is one call over all its epochs; a federated round is one call over
+    the round's local epochs (the coordinator chooses the round's learning rate, so the
+    schedule across rounds is the coordinator's).
+
+    Returns
+    -------
+    float
+        The mean training loss of the last epoch (``nan`` when there is nothing to train on).
+    """
+    generator = torch.Generator().manual_seed(seed)
     optimiser = torch.optim.Adam(
-        model.parameters(), lr=options.learning_rate, weight_decay=options.weight_decay
+        model.parameters(), lr=learning_rate, weight_decay=options.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=options.epochs)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs))
     smooth = options.label_smoothing
     soft_targets = targets * (1.0 - smooth) + 0.5 * smooth
     margin = plugin.he_encoding.output_bound / 2.0
     loss_fn = nn.BCEWithLogitsLoss()
     n = len(inputs)
     steps = max(1, math.ceil(n / options.batch_size))
-    total = options.epochs * steps
+    total = epochs * steps
     done = 0
-    for epoch in range(options.epochs):
+    epoch_loss = math.nan
+    for epoch in range(epochs):
         model.train()
         order = torch.randperm(n, generator=generator)
-        epoch_loss = 0.0
+        running = 0.0
         for start in range(0, n, options.batch_size):
             idx = order[start : start + options.batch_size]
             logits = model(inputs[idx]).reshape(-1)
@@ -146,12 +164,117 @@ def _fit(
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
-            epoch_loss += float(loss.detach()) * len(idx)
+            running += float(loss.detach()) * len(idx)
             done += 1
             if progress is not None:
                 progress("training", done, total)
         scheduler.step()
-        logger.debug("epoch %d/%d: loss %.4f", epoch + 1, options.epochs, epoch_loss / n)
+        epoch_loss = running / n if n else math.nan
+        logger.debug("epoch %d/%d: loss %.4f", epoch + 1, epochs, epoch_loss)
+    return epoch_loss
+
+
+def _fit(
+    plugin: TaskPlugin,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    targets: torch.Tensor,
+    options: TrainOptions,
+    progress: Progress | None,
+) -> None:
+    fit_round(
+        plugin,
+        model,
+        inputs,
+        targets,
+        options,
+        epochs=options.epochs,
+        learning_rate=options.learning_rate,
+        seed=options.seed,
+        progress=progress,
+    )
+
+
+def evaluate(
+    plugin: TaskPlugin, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
+) -> tuple[float, BinaryMetrics]:
+    """Binary cross-entropy (no smoothing) and the binary metrics of *model* on a set."""
+    logits = _logits(model, inputs)
+    loss = (
+        float(nn.functional.binary_cross_entropy_with_logits(logits, targets))
+        if len(targets)
+        else math.nan
+    )
+    threshold = plugin.positive_class.threshold or 0.5
+    y = targets.numpy().astype(np.int64)
+    return loss, binary_metrics(y, torch.sigmoid(logits).numpy(), threshold)
+
+
+@dataclass(frozen=True)
+class LabelledData:
+    """The node's usable labelled studies of a task, preprocessed, with the seeded split."""
+
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    train_idx: np.ndarray
+    held_idx: np.ndarray
+    skipped: list[Skipped]
+
+    @property
+    def train(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.train_idx)
+        return self.inputs[idx], self.targets[idx]
+
+    @property
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = torch.from_numpy(self.held_idx)
+        return self.inputs[idx], self.targets[idx]
+
+
+def load_labelled(
+    db: Database,
+    blobs: BlobStore,
+    plugin: TaskPlugin,
+    *,
+    holdout: float,
+    seed: int,
+    progress: Progress | None = None,
+) -> LabelledData:
+    """Read and preprocess the labelled studies of *plugin*; split them (stratified, seeded).
+
+    Raises
+    ------
+    TrainingError
+        If the task is not binary, the fraction is not in (0, 1), or fewer than two usable
+        labelled studies of a class exist.
+    """
+    if not plugin.is_binary:
+        raise TrainingError(f"local training supports binary tasks; {plugin.name} is not")
+    if not 0.0 < holdout < 1.0:
+        raise TrainingError("the held-out fraction must lie strictly between 0 and 1")
+
+    def reading(done: int, total: int) -> None:
+        if progress is not None:
+            progress("reading", done, total)
+
+    def preprocessing(done: int, total: int) -> None:
+        if progress is not None:
+            progress("preprocessing", done, total)
+
+    studies, skipped = labelled_studies(db, blobs, plugin, progress=reading)
+    dataset = StudyDataset(studies, blobs, plugin)
+    inputs, targets, kept, failed = dataset.load_all(progress=preprocessing)
+    skipped = [*skipped, *failed]
+    usable: list[LabelledStudy] = [studies[i] for i in kept]
+    y = np.array([s.target for s in usable], dtype=np.int64)
+    counts = {name: int(np.sum(y == i)) for i, name in enumerate(plugin.class_names)}
+    if min(counts.values(), default=0) < 2:
+        raise TrainingError(
+            f"task {plugin.name} needs at least two usable labelled studies of each class "
+            f"(have {counts}); import labels with `fednode labels import`"
+        )
+    train_idx, held_idx = split_holdout(y, holdout, seed)
+    return LabelledData(inputs, targets, train_idx, held_idx, skipped)
 
 
 def _weights_digest(state: dict[str, torch.Tensor]) -> str:
@@ -235,32 +358,12 @@ def train_local(
         If the task is not binary, or too few usable labelled studies of each class exist.
     """
     options = options or TrainOptions()
-    if not plugin.is_binary:
-        raise TrainingError(f"local training supports binary tasks; {plugin.name} is not")
-    if not 0.0 < options.holdout < 1.0:
-        raise TrainingError("the held-out fraction must lie strictly between 0 and 1")
-
-    def reading(done: int, total: int) -> None:
-        if progress is not None:
-            progress("reading", done, total)
-
-    def preprocessing(done: int, total: int) -> None:
-        if progress is not None:
-            progress("preprocessing", done, total)
-
-    studies, skipped = labelled_studies(db, blobs, plugin, progress=reading)
-    dataset = StudyDataset(studies, blobs, plugin)
-    inputs, targets, kept, failed = dataset.load_all(progress=preprocessing)
-    skipped = [*skipped, *failed]
-    usable: list[LabelledStudy] = [studies[i] for i in kept]
-    y = np.array([s.target for s in usable], dtype=np.int64)
-    counts = {name: int(np.sum(y == i)) for i, name in enumerate(plugin.class_names)}
-    if min(counts.values(), default=0) < 2:
-        raise TrainingError(
-            f"task {plugin.name} needs at least two usable labelled studies of each class "
-            f"(have {counts}); import labels with `fednode labels import`"
-        )
-    train_idx, held_idx = split_holdout(y, options.holdout, options.seed)
+    data = load_labelled(
+        db, blobs, plugin, holdout=options.holdout, seed=options.seed, progress=progress
+    )
+    inputs, targets, skipped = data.inputs, data.targets, data.skipped
+    y = targets.numpy().astype(np.int64)
+    train_idx, held_idx = data.train_idx, data.held_idx
     torch.manual_seed(options.seed)
     model = plugin.build_model()
     arch = architecture_hash(plugin, model)

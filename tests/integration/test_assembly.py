@@ -11,8 +11,8 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from node.pipeline import PERIODIC, JobContext
-from node.pipeline.assemble import INFER_KIND, infer_dedupe_key, sweep
+from node.jobs import PERIODIC, JobContext, JobKind
+from node.pipeline.assemble import infer_dedupe_key, sweep
 from node.worker import Worker
 from storage.db import Database
 from storage.models import Result, Study
@@ -31,7 +31,7 @@ def ctx(tmp_path: Path) -> JobContext:
 
 
 def infer_jobs(ctx: JobContext) -> list:  # type: ignore[type-arg]
-    return sorted(ctx.queue.list(kind=INFER_KIND), key=lambda j: j.id)
+    return sorted(ctx.queue.list(kind=JobKind.INFER), key=lambda j: j.id)
 
 
 def study_row(ctx: JobContext, key: str) -> Study:

@@ -13,6 +13,7 @@ import typer
 from typer.testing import CliRunner
 
 from node.deid.commands import register
+from node.jobs import parse_payload
 from node.keys import create_master_secret, load_keys
 from node.pipeline.deidentify import deidentify_job
 from tests.integration.test_deid_pipeline import burned_in_us, make_ctx, receive
@@ -98,7 +99,7 @@ def test_same_bytes_as_the_pipeline(tmp_path: Path) -> None:
     instance_id = receive(ctx, ds)
     job = ctx.queue.lease("test", ["deidentify"], 60)
     assert job is not None
-    deidentify_job(job, ctx)
+    deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]
     with ctx.db.session() as s:
         from storage.models import Instance
 

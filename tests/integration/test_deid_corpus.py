@@ -34,6 +34,8 @@ NOT_ADMITTED = (
     "DICOMDIR",
     "no SOP Class UID or SOP Instance UID",
     "cannot be decoded to clean it",  # gated, and no installed decoder reads its pixels
+    "the instance is truncated",  # MR_truncated.dcm: 8130 of its 8192 pixel bytes
+    "Number of Frames is not an integer",  # badVR.dcm: "1A" (pydicom cannot decode it either)
 )
 
 

@@ -27,10 +27,9 @@ import storage.spool as spool_module
 from node.config import DeidSection, NodeSection, PixelRule, Settings, SpoolSection
 from node.deid import vault
 from node.deid.pseudonyms import token
+from node.jobs import PERIODIC, JobContext, JobKind, PermanentJobError, load_handlers, parse_payload
 from node.keys import NodeKeys
-from node.pipeline import PERIODIC, JobContext, PermanentJobError, load_handlers
 from node.pipeline.deidentify import (
-    KIND,
     deidentify_job,
     remove_orphan_spool,
     remove_rejected_spool,
@@ -66,10 +65,10 @@ def receive(ctx: JobContext, ds: Dataset, syntax: str = ExplicitVRLittleEndian) 
 
 
 def run_one(ctx: JobContext) -> None:
-    job = ctx.queue.lease("test", [KIND], 60)
+    job = ctx.queue.lease("test", [JobKind.DEIDENTIFY], 60)
     assert job is not None
     try:
-        deidentify_job(job, ctx)
+        deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]
     except Exception as exc:
         ctx.queue.fail(job, str(exc), retry_in=None)
         raise
@@ -84,7 +83,7 @@ def instance(ctx: JobContext, instance_id: int) -> Instance:
 
 
 def test_handler_is_registered() -> None:
-    assert KIND in load_handlers()
+    assert JobKind.DEIDENTIFY in load_handlers()
     assert "deid-sweep-rejected" in PERIODIC
 
 
@@ -164,7 +163,7 @@ def test_rerun_is_idempotent_and_removes_a_left_over_spool_item(
 ) -> None:
     ctx = make_ctx(tmp_path)
     instance_id = receive(ctx, ct())
-    job = ctx.queue.lease("test", [KIND], 60)
+    job = ctx.queue.lease("test", [JobKind.DEIDENTIFY], 60)
     assert job is not None
 
     def crash(locator: str) -> None:
@@ -173,11 +172,11 @@ def test_rerun_is_idempotent_and_removes_a_left_over_spool_item(
     with monkeypatch.context() as m:
         m.setattr(ctx.spool, "delete", crash)
         with pytest.raises(KeyboardInterrupt):
-            deidentify_job(job, ctx)
+            deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]
     row = instance(ctx, instance_id)
     assert row.state == InstanceState.DEIDENTIFIED.value
     assert row.spool_name is not None and ctx.spool.exists(row.spool_name)
-    deidentify_job(job, ctx)  # the same job again
+    deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]  # the same job again
     assert not ctx.spool.exists(row.spool_name)
     again = instance(ctx, instance_id)
     assert again.blob_digest == row.blob_digest
@@ -196,14 +195,14 @@ def test_crash_before_commit_then_rerun(tmp_path: Path) -> None:
             raise RuntimeError("power cut")
 
         mp.setattr(vault, "store", boom)
-        job = ctx.queue.lease("test", [KIND], 60)
+        job = ctx.queue.lease("test", [JobKind.DEIDENTIFY], 60)
         assert job is not None
         with pytest.raises(RuntimeError):
-            deidentify_job(job, ctx)
+            deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]
     row = instance(ctx, instance_id)
     assert row.state == InstanceState.RECEIVED.value
     assert row.spool_name is not None and ctx.spool.exists(row.spool_name)
-    deidentify_job(job, ctx)
+    deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]
     assert instance(ctx, instance_id).state == InstanceState.DEIDENTIFIED.value
 
 
@@ -318,10 +317,10 @@ def test_residue_dead_letters_naming_the_attribute_only(tmp_path: Path) -> None:
     ds.PatientName = "ROUTINE^X"
     ds.ImageType = ["ORIGINAL", "PRIMARY", "ROUTINE"]
     instance_id = receive(ctx, ds)
-    job = ctx.queue.lease("test", [KIND], 60)
+    job = ctx.queue.lease("test", [JobKind.DEIDENTIFY], 60)
     assert job is not None
     with pytest.raises(PermanentJobError) as err:
-        deidentify_job(job, ctx)
+        deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]
     assert "PatientName" in str(err.value) and "ROUTINE" not in str(err.value)
     row = instance(ctx, instance_id)
     assert row.state == InstanceState.FAILED.value
@@ -334,10 +333,10 @@ def test_missing_spool_item_is_permanent(tmp_path: Path) -> None:
     name = instance(ctx, instance_id).spool_name
     assert name is not None
     ctx.spool.delete(name)
-    job = ctx.queue.lease("test", [KIND], 60)
+    job = ctx.queue.lease("test", [JobKind.DEIDENTIFY], 60)
     assert job is not None
     with pytest.raises(PermanentJobError, match="spool item"):
-        deidentify_job(job, ctx)
+        deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]
 
 
 _CHILD = """

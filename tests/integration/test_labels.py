@@ -8,7 +8,7 @@ import pytest
 from pydicom.uid import generate_uid
 from sqlalchemy import select
 
-from node.pipeline import JobContext
+from node.jobs import JobContext
 from node.tasks import load_tasks
 from node.tasks.labels import LabelFileError, import_labels, label_counts
 from plugins.base import TaskPlugin

@@ -19,10 +19,10 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from node.errors import PluginError
-from node.pipeline import JobContext
-from node.pipeline.assemble import INFER_KIND, sweep
+from node.jobs import InferPayload, JobContext, JobKind, PermanentJobError, parse_payload
+from node.pipeline.assemble import sweep
 from node.tasks import load_tasks
-from node.tasks.studies import TaskInput, prepare_task_input
+from node.tasks.studies import TaskInput, TaskInputError, prepare_task_input
 from node.worker import Worker
 from plugins.chest_xray import ChestXrayTask
 from storage.records import Job, JobState
@@ -45,14 +45,20 @@ prepared: list[TaskInput | None] = []
 
 
 def infer_first_step(job: Job, ctx: JobContext) -> None:
-    prepared.append(prepare_task_input(ctx, job.payload))
+    """The first step of the ``infer`` handler: a task-input error is a job outcome there."""
+    payload = parse_payload(job.kind, job.payload)
+    assert isinstance(payload, InferPayload)
+    try:
+        prepared.append(prepare_task_input(ctx, payload))
+    except TaskInputError as exc:
+        raise PermanentJobError(str(exc)) from exc
 
 
 def run_all(ctx: JobContext) -> list[Job]:
-    worker = Worker(ctx, {INFER_KIND: infer_first_step}, name="t", periodic=False)
-    while (job := ctx.queue.lease("t", [INFER_KIND], 30)) is not None:
+    worker = Worker(ctx, {JobKind.INFER: infer_first_step}, name="t", periodic=False)
+    while (job := ctx.queue.lease("t", [JobKind.INFER], 30)) is not None:
         worker.run_one(job)
-    return sorted(ctx.queue.list(kind=INFER_KIND), key=lambda j: j.id)
+    return sorted(ctx.queue.list(kind=JobKind.INFER), key=lambda j: j.id)
 
 
 def one_study(ctx: JobContext) -> None:

@@ -13,9 +13,8 @@ import numpy as np
 from sqlalchemy import select
 
 from node.deid.pseudonyms import uid_pseudonym
-from node.pipeline import load_handlers
-from node.pipeline.assemble import INFER_KIND, sweep
-from node.pipeline.deidentify import KIND as DEIDENTIFY
+from node.jobs import InferPayload, JobKind, load_handlers, parse_payload
+from node.pipeline.assemble import sweep
 from node.tasks import load_tasks
 from node.tasks.dataset import StudyDataset, labelled_studies
 from node.tasks.labels import import_labels
@@ -37,20 +36,22 @@ def test_received_synthetic_studies_become_labelled_task_inputs(tmp_path: Path) 
             receive_instance(ctx, ds)
 
     handlers = load_handlers()
-    worker = Worker(ctx, {DEIDENTIFY: handlers[DEIDENTIFY]}, name="t")
-    while (job := ctx.queue.lease("t", [DEIDENTIFY], 60)) is not None:
+    worker = Worker(ctx, {JobKind.DEIDENTIFY: handlers[JobKind.DEIDENTIFY]}, name="t")
+    while (job := ctx.queue.lease("t", [JobKind.DEIDENTIFY], 60)) is not None:
         assert worker.run_one(job) is JobState.DONE, job
     with ctx.db.session() as s:
         states = s.execute(select(Study.state)).scalars().all()
     assert states == [StudyState.RECEIVING.value] * STUDIES
 
     worker.run_periodic()  # the assembly sweep, as the worker loop runs it
-    jobs = ctx.queue.list(kind=INFER_KIND)
+    jobs = ctx.queue.list(kind=JobKind.INFER)
     assert len(jobs) == STUDIES
     assert sweep(ctx, now=datetime.now(UTC) + timedelta(hours=1)).completed == 0
     # every de-identified study still offers exactly its frontal view to the task
     assert all(len(j.payload["sop_keys"]) == 1 for j in jobs)
-    prepared = prepare_task_input(ctx, jobs[0].payload)
+    payload = parse_payload(jobs[0].kind, jobs[0].payload)
+    assert isinstance(payload, InferPayload)
+    prepared = prepare_task_input(ctx, payload)
     assert prepared is not None and prepared.array.shape == (1, 64, 64)
 
     # half the labels by original accession number, half by original study UID

@@ -13,7 +13,7 @@ import torch
 from sqlalchemy import select
 
 from node.errors import PluginError
-from node.pipeline import JobContext
+from node.jobs import JobContext
 from node.tasks import load_tasks
 from node.tasks.dataset import StudyDataset, labelled_studies
 from node.tasks.training import (

@@ -12,8 +12,8 @@ from sqlalchemy import select
 
 from node.config import load_settings
 from node.config_template import render
+from node.jobs import PERIODIC, JobContext, JobKind, PermanentJobError, Sweep
 from node.keys import NodeKeys
-from node.pipeline import PERIODIC, JobContext, PermanentJobError
 from node.worker import Worker, backoff_delay
 from storage.db import Database
 from storage.models import AuditEvent
@@ -122,7 +122,11 @@ def test_heartbeat_holds_the_lease_of_a_long_job(ctx: JobContext) -> None:
 
 def test_periodic_sweeps_run(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -> None:
     runs: list[float] = []
-    monkeypatch.setitem(PERIODIC, "test-sweep", (0.1, lambda c: runs.append(time.monotonic())))
+    monkeypatch.setitem(
+        PERIODIC,
+        "test-sweep",
+        Sweep("test-sweep", 0.1, JobKind.DEIDENTIFY, lambda c: runs.append(time.monotonic())),
+    )
     drain(Worker(ctx, {}, periodic=True), 0.55)
     assert 3 <= len(runs) <= 8
 

@@ -32,8 +32,8 @@ from sqlalchemy import select
 
 from node.config import NodeSection, Settings, TasksSection
 from node.deid.pseudonyms import token, uid_pseudonym
+from node.jobs import JobContext
 from node.keys import NodeKeys
-from node.pipeline import JobContext
 from storage.db import Database
 from storage.models import DeidInstance, Instance, Series, Study
 from storage.queue import SqlQueue

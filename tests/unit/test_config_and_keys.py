@@ -37,9 +37,9 @@ def test_example_config_in_deploy_is_the_rendered_template() -> None:
 def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = write(tmp_path, render(port=11112))
     monkeypatch.setenv("FEDNODE_DICOM__PORT", "4242")
-    monkeypatch.setenv("FEDNODE_WORKERS__COUNT", "7")
+    monkeypatch.setenv("FEDNODE_WORKERS__LANES__INGEST__COUNT", "7")
     s = load_settings(cfg)
-    assert s.dicom.port == 4242 and s.workers.count == 7
+    assert s.dicom.port == 4242 and s.workers.lanes["ingest"].count == 7
 
 
 def test_bad_value_names_key_value_and_fix(tmp_path: Path) -> None:

@@ -396,10 +396,28 @@ def test_malformed_input() -> None:
 
 
 def test_repair_reads_a_truncated_dataset_leniently() -> None:
-    raw = encode(ct())
-    result = engine().deidentify(raw[:-5], ExplicitVRLittleEndian)  # truncated pixel data
+    ds = ct()
+    del ds.PixelData
+    ds.ImageComments = "a comment long enough to be cut short"
+    raw = encode(ds)
+    result = engine().deidentify(raw[:-5], ExplicitVRLittleEndian)  # truncated last element
     assert read(result.data).PatientID.startswith("FN")
     assert result.residue == ()
+
+
+def test_truncated_pixel_data_is_rejected_with_the_sizes() -> None:
+    """A truncated file read leniently would be written with pixels that no longer decode."""
+    ds = ct()
+    needed = len(ds.PixelData)
+    raw = encode(ds)
+    with pytest.raises(RejectedInstance, match=rf"holds {needed - 4} bytes.*needs {needed}"):
+        engine().deidentify(raw[:-5], ExplicitVRLittleEndian)
+    ds.NumberOfFrames = 2  # the module now says two frames; the value holds one
+    with pytest.raises(RejectedInstance, match="x 2 frame"):
+        engine().deidentify(encode(ds), ExplicitVRLittleEndian)
+    ds.NumberOfFrames = 1
+    ds.PixelData = ds.PixelData + b"\0\0"  # padding beyond the module's size is accepted
+    assert engine().deidentify(encode(ds), ExplicitVRLittleEndian).residue == ()
 
 
 def test_split_part10_and_file_entry_point(tmp_path) -> None:  # type: ignore[no-untyped-def]

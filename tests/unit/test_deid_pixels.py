@@ -93,7 +93,10 @@ def test_burned_in_ultrasound_is_cleaned_in_every_frame_with_a_rule() -> None:
 
 
 def test_absent_burned_in_annotation_on_ultrasound_is_gated() -> None:
-    with pytest.raises(RejectedInstance, match="absent on a US instance"):
+    with pytest.raises(
+        RejectedInstance,
+        match="absent and the SOP class is Ultrasound Multi-frame Image",
+    ):
         deid(us_multiframe(bia=None), [])
     result = deid(us_multiframe(bia=None), [US_RULE])
     assert read(result.data).BurnedInAnnotation == "NO"
