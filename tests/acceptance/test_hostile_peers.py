@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import generate_uid
@@ -30,9 +31,9 @@ from sqlalchemy import select
 
 from storage.db import Database
 from storage.models import AuditEvent
-from tests.support.dicomgen import FakeStudy, ct_instance, write_ct_study
+from tests.support.dicomgen import FakeStudy, ct_instance, write, write_ct_study
 from tests.support.node import DCMTK_ENV, NodeDir, RunningNode, dcmtk, init_node
-from tests.support.rawpeer import DEFLATED_LE, EXPLICIT_LE, RawPeer
+from tests.support.rawpeer import DEFLATED_LE, EXPLICIT_LE, RawPeer, associate_rq
 
 pytestmark = pytest.mark.dcmtk
 
@@ -341,3 +342,95 @@ def test_sigterm_returns_within_seconds_whatever_the_peers_do(
         for sock in silent:
             sock.close()
     assert os.path.exists(running.log)
+
+
+def test_a_calling_ae_title_with_a_newline_is_one_log_line(node: Node) -> None:
+    with RawPeer(node.port) as peer:
+        peer.send(associate_rq("FEDNODE", "EVIL\nFORGED", [(1, CT, [EXPLICIT_LE])]))
+        pdu = peer.read_pdu()
+        # Refused: A-ASSOCIATE-RJ (not a configured peer) or A-ABORT (a malformed title).
+        assert pdu is not None and pdu[0] in (0x03, 0x07)
+    time.sleep(0.2)
+    lines = node.log().splitlines()
+    # Logged (by pynetdicom, which refuses the title, or by the node), always on one line.
+    assert any("FORGED" in line for line in lines)
+    assert all("EVIL" in line for line in lines if "FORGED" in line)
+
+
+# Values pydicom finds invalid and quotes when it validates them (DA, AS, CS, TM).
+IDENTIFYING = {
+    "PatientBirthDate": "19XX0101",
+    "PatientAge": "S3CRT",
+    "PatientSex": "secretsex",
+    "StudyTime": "2599XX",
+    "PatientName": "SECRETFAMILY^SECRETGIVEN",
+    "PatientID": "SECRET-PID-4711",
+}
+
+
+def _with_identifying_values() -> Dataset:
+    ds = ct_instance(FakeStudy(), generate_uid(), 1, 0, size=16)
+    for keyword, value in IDENTIFYING.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+def _explicit_meta_implicit_body(ds: Dataset, path: Path) -> None:
+    """A file whose File Meta says Explicit VR Little Endian but whose dataset is encoded in
+    Implicit VR: the de-identifier refuses its encoding and repairs it by pydicom's lenient
+    reading, which validates (and quotes) every value it converts."""
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.filewriter import write_file_meta_info
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.TransferSyntaxUID = EXPLICIT_LE
+    out = DicomBytesIO()
+    out.write(b"\x00" * 128 + b"DICM")
+    write_file_meta_info(out, meta)
+    out.is_little_endian, out.is_implicit_VR = True, True
+    write_dataset(out, ds)
+    path.write_bytes(out.getvalue())
+
+
+def test_identifying_values_never_reach_a_log_line(tmp_path: Path) -> None:
+    files = tmp_path / "in"
+    files.mkdir()
+    for i in range(3):
+        ds = _with_identifying_values()
+        write(ds, files / f"{i}.dcm")
+    node_dir = init_node(tmp_path / "n")
+    with RunningNode(node_dir, env=LIMITS, processes=1, workers=1) as running:
+        proc = subprocess.run(
+            [dcmtk("storescu"), "-aet", "STORESCU", "-aec", "FEDNODE", "+sd", "127.0.0.1",
+             str(node_dir.port), str(files)],
+            env=DCMTK_ENV, capture_output=True, text=True, timeout=60,
+        )
+        assert proc.returncode == 0, proc.stderr
+        db = Database(node_dir.settings().database_url)
+        try:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                with db.read() as conn:
+                    states = [r[0] for r in conn.exec_driver_sql("SELECT state FROM instances")]
+                if len(states) == 3 and all(s != "received" for s in states):
+                    break
+                time.sleep(0.2)
+        finally:
+            db.dispose()
+        assert len(states) == 3 and "received" not in states, states
+        assert running.stop(timeout=30) == 0
+        serve_log = running.log.read_text()
+    # The same values through `fednode deid` on files whose encoding must be repaired by
+    # pydicom's lenient reader (the path on which pydicom validates and quotes them).
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    _explicit_meta_implicit_body(_with_identifying_values(), broken / "b.dcm")
+    cli = node_dir.cli("deid", str(broken), "--out", str(tmp_path / "out"), check=False)
+    assert cli.returncode in (0, 1), cli.stderr
+    assert list((tmp_path / "out").rglob("*.dcm")), cli.stdout + cli.stderr  # repaired
+    for text in (serve_log, cli.stdout + cli.stderr):
+        for keyword, value in IDENTIFYING.items():
+            for line in text.splitlines():
+                assert value not in line, f"{keyword} in: {line}"
