@@ -31,6 +31,9 @@ from storage.records import Job, JobState
 
 logger = logging.getLogger(__name__)
 
+GATHER_SECONDS = 0.1
+"""How long a worker lets a batch grow while the SCP is receiving (see Worker._gather)."""
+
 JobFunction = Callable[[Job, JobContext], None]
 """What the worker calls for a leased job (a registered :class:`node.jobs.Handler` is one)."""
 
@@ -99,7 +102,22 @@ class Worker:
                 self.stop.wait(self._cfg.poll_seconds)
                 continue
             self.run_jobs(jobs)
+            self._gather(jobs)
         logger.info("worker %s stopped", self.name)
+
+    def _gather(self, jobs: list[Job]) -> None:
+        """While the SCP is receiving (it committed within the last 50 ms), a worker that
+        ran a batch smaller than its kind allows waits :data:`GATHER_SECONDS` before leasing
+        again, so that the next batch is bigger: every batch costs two turns of SQLite's
+        write lock (lease; record and complete), the lock the SCP's commits wait for."""
+        limit = self._max_batch(jobs[0].kind)
+        if limit <= 1 or len(jobs) >= limit:
+            return
+        try:
+            if self.ctx.db.receiving(0.05):
+                self.stop.wait(GATHER_SECONDS)
+        except Exception as exc:  # a hint only
+            logger.debug("cannot tell whether the SCP is receiving: %s", exc)
 
     def _max_batch(self, kind: str) -> int:
         handler = self.handlers.get(kind)

@@ -255,3 +255,19 @@ def test_blobs_stored_together_are_whole_and_leave_no_temporary_file(tmp_path: P
     assert blobs.put_many(datas) == digests  # idempotent
     leftovers = [p for p in (tmp_path / "blobs").rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
+
+
+def test_the_scp_commit_tells_the_workers_that_receive_is_under_way(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/t.db"
+    scp, worker = Database(url), Database(url)  # two processes' engines on one node
+    scp.upgrade()
+    assert not worker.receiving(60)
+    with worker.session():  # a worker's own transaction is not receive
+        pass
+    assert not worker.receiving(60)
+    with scp.write_turn(priority=True):
+        pass
+    assert worker.receiving(60)
+    assert not worker.receiving(0)  # only within the window asked for
+    scp.dispose()
+    worker.dispose()
