@@ -22,8 +22,19 @@ each sending a quarter), to, in the same run:
   into the spool with fsync, one SQLite transaction with the instance row and its job,
   then 0x0000). After every run the benchmark checks that every instance is in the
   ``instances`` table with exactly one ``deidentify`` job, and its file in the spool;
-- ``fednode+workers`` (only with ``--with-workers``): the same with ``--workers`` (default 2)
-  worker processes running (they lease the ``deidentify`` jobs as they come);
+- ``fednode-init``: the node as ``fednode init`` configures it, workers on (``serve`` without
+  ``--workers``: lanes ``ingest`` 2 and ``results`` 1, workers at ``workers.nice`` 10). Besides
+  the receive rate the benchmark measures its end-to-end time: seconds from the first
+  ``storescu`` start to the last instance de-identified (the newest ``updated_at`` of the
+  ``instances`` rows once every one is ``deidentified`` and has its ``deid_instances`` row),
+  printed with its ratio to the no-worker row's reception time (``e2e/rx0``);
+- ``fednode-init-pg`` (opt-in): the same on PostgreSQL (``$FEDNODE_BENCH_PG``, default
+  ``postgresql://postgres@127.0.0.1:5432/test``), a fresh schema per run (dropped after it),
+  migrated with ``fednode db upgrade``;
+- ``fednode+workers`` (only with ``--with-workers``): ``serve --workers N`` (default 2: N
+  processes in every lane);
+- ``orthanc`` (opt-in): Debian's Orthanc (``apt-get install orthanc``) with its defaults but for
+  ports and folders (SQLite index, ``SyncStorageArea`` true: each file synced);
 - ``dcmtk``: DCMTK ``/usr/bin/storescp --fork`` writing files to a temporary folder (default
   options otherwise: 16 KiB max PDU, no fsync: not durable);
 - ``pynetdicom``: pynetdicom's bundled app, ``python -m pynetdicom storescp PORT -od DIR``
@@ -42,8 +53,12 @@ cell go round-robin over the peers, and before each run the benchmark waits (up 
 ``--wait-quiet`` s) for other processes to leave the CPU, so that a busy spell of a shared
 machine hits every peer alike. Whole run: about 3 minutes with the defaults on 2 cores.
 
+The 1-minute load average before each run is printed beside it and in the table (the
+machine is shared: compare rows of one run only).
+
 Options (``--help``): ``--repeat N`` (default 3), ``--corpora ct,dx,tiny``,
-``--assocs 1,4``, ``--peers fednode,dcmtk,pynetdicom``, ``--with-workers``, ``--corpus DIR``,
+``--assocs 1,4``, ``--peers fednode,fednode-init,dcmtk,pynetdicom`` (also
+``fednode-init-pg``, ``orthanc``), ``--with-workers``, ``--corpus DIR``,
 ``--fednode-env KEY=VALUE`` (extra ``FEDNODE_*`` settings for the node, repeatable, e.g.
 ``FEDNODE_DICOM__PROCESSES=1``), ``--baseline SRC`` (a row for the fednode of another source
 tree, e.g. ``git archive <commit> | tar -x -C SRC``, for before/after figures in one run),
@@ -328,6 +343,38 @@ def dcmtk_peer() -> Peer:
     return Peer("dcmtk", "DCMTK storescp --fork", start, verify)
 
 
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def orthanc_peer() -> Peer:
+    """Orthanc (Debian's ``orthanc`` package) with its defaults but for the ports and folders:
+    SQLite index, files in its storage area, synced (``SyncStorageArea`` true)."""
+    http_ports: dict[Path, int] = {}
+
+    def start(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
+        http_ports[run_dir] = free_port()
+        config = {
+            "Name": "bench", "DicomAet": CALLED_AE, "DicomPort": port,
+            "HttpPort": http_ports[run_dir], "RemoteAccessAllowed": False,
+            "StorageDirectory": str(run_dir / "storage"),
+            "IndexDirectory": str(run_dir / "index"), "SyncStorageArea": True,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True, "Plugins": [],
+        }
+        (run_dir / "orthanc.json").write_text(json.dumps(config))
+        return _popen([ORTHANC, str(run_dir / "orthanc.json")], run_dir, DCMTK_ENV)
+
+    def verify(run_dir: Path, expected: int) -> str | None:
+        import urllib.request
+
+        url = f"http://127.0.0.1:{http_ports[run_dir]}/statistics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            n = int(json.load(response)["CountInstances"])
+        return None if n == expected else f"Orthanc kept {n} instances, expected {expected}"
+
+    return Peer("orthanc", "Orthanc (SyncStorageArea)", start, verify)
+
+
 def pynetdicom_peer() -> Peer:
     def start(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
         out = run_dir / "out"
@@ -513,7 +560,8 @@ def main() -> int:
                     help="rows: fednode (workers=0), fednode-init (as `fednode init` "
                          "configures it: workers on), fednode-init-pg (the same on "
                          "PostgreSQL, $FEDNODE_BENCH_PG, a fresh schema per run), dcmtk, "
-                         "pynetdicom (default: fednode,fednode-init,dcmtk,pynetdicom)")
+                         "pynetdicom, orthanc (Debian's package; "
+                         "default: fednode,fednode-init,dcmtk,pynetdicom)")
     ap.add_argument("--with-workers", action="store_true",
                     help="add a fednode row with `serve --workers N` (N in every lane)")
     ap.add_argument("--workers", type=int, default=2, help="N for --with-workers")
@@ -552,6 +600,11 @@ def main() -> int:
         peers.append(dcmtk_peer())
     if "pynetdicom" in wanted:
         peers.append(pynetdicom_peer())
+    if "orthanc" in wanted:
+        if not Path(ORTHANC).exists():
+            print(f"{ORTHANC} is missing: apt-get install orthanc", file=sys.stderr)
+            return 2
+        peers.append(orthanc_peer())
 
     args.corpus.mkdir(parents=True, exist_ok=True)
     corpora = {c: ensure_corpus(args.corpus, c) for c in args.corpora.split(",")}
