@@ -237,6 +237,13 @@ class WorkersSection(_Section):
     backoff_seconds: float = Field(10.0, ge=0, description="first retry delay (doubles each try)")
     backoff_max_seconds: float = Field(3600.0, ge=0, description="longest retry delay")
     poll_seconds: float = Field(0.5, gt=0, description="idle wait between queue polls")
+    nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="CPU priority of worker processes (nice, 0-19): the SCP's association "
+        "threads go first on a busy CPU; 0 = same as the SCP",
+    )
 
     @field_validator("lanes")
     @classmethod

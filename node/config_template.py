@@ -70,6 +70,10 @@ backoff_seconds = 10
 backoff_max_seconds = 3600
 # Seconds a worker holds a job before another may take it over (extended while it runs).
 lease_seconds = 300
+# CPU priority of the worker processes (nice 0-19): on a busy CPU the DICOM receiver goes
+# first, so a burst from the PACS is answered at full speed while de-identification catches
+# up. 0 = same priority as the receiver.
+nice = 10
 
 # Lanes: each lane's worker processes serve only its job kinds, so a slow kind (an encrypted
 # inference round trip, a PACS that is slow to accept a report) never holds up

@@ -227,17 +227,58 @@ class JobContext:
 P = TypeVar("P", bound=Payload)
 
 
+BatchFunction = Callable[[list[tuple["Job", P]], "JobContext"], list[BaseException | None]]
+"""A batch handler: ``(jobs with their payloads, ctx) -> one outcome per job`` (``None`` =
+done, an exception = that job failed, as if a plain handler had raised it)."""
+
+
 class Handler(Generic[P]):
-    """A registered handler: the function and the payload class it takes."""
+    """A registered handler: the function and the payload class it takes.
+
+    A kind may also have a batch function (:func:`register_batch`): the worker then leases
+    up to :attr:`max_batch` jobs of the kind at once and runs them in one call, so that the
+    batch shares its database transactions (on SQLite every write transaction is a turn of
+    the single write lock the SCP's commits wait for).
+    """
 
     def __init__(self, kind: JobKind, fn: Callable[[Job, P, JobContext], None]) -> None:
         self.kind = kind
         self.fn = fn
+        self.batch: BatchFunction[P] | None = None
+        self.max_batch = 1
 
     def __call__(self, job: Job, ctx: JobContext) -> None:
         """Parse *job*'s payload and run the handler on it."""
         payload = cast(P, parse_payload(job.kind, job.payload))
         self.fn(job, payload, ctx)
+
+    def run_batch(self, jobs: list[Job], ctx: JobContext) -> list[BaseException | None]:
+        """Run *jobs* (all of this kind); return one outcome per job, in order.
+
+        A job whose payload does not parse fails with :class:`PermanentJobError` without
+        running; the others go to the batch function (or, without one, to the handler one
+        at a time).
+        """
+        outcomes: list[BaseException | None] = [None] * len(jobs)
+        parsed: list[tuple[int, Job, P]] = []
+        for i, job in enumerate(jobs):
+            try:
+                parsed.append((i, job, cast(P, parse_payload(job.kind, job.payload))))
+            except PermanentJobError as exc:
+                outcomes[i] = exc
+        if self.batch is not None and parsed:
+            results = self.batch([(job, payload) for _, job, payload in parsed], ctx)
+            if len(results) != len(parsed):
+                raise RuntimeError(f"the {self.kind} batch handler lost outcomes")
+            for (i, _, _), outcome in zip(parsed, results, strict=True):
+                outcomes[i] = outcome
+            return outcomes
+        for i, job, payload in parsed:
+            try:
+                self.fn(job, payload, ctx)
+            except Exception as exc:
+                outcomes[i] = exc
+        return outcomes
 
 
 REGISTRY: dict[str, Handler[Any]] = {}
@@ -283,6 +324,28 @@ def register(
         if existing is not None and existing.fn is not fn:
             raise ValueError(f"a handler for job kind {kind.value!r} is registered already")
         REGISTRY[kind] = Handler(kind, fn)
+        return fn
+
+    return deco
+
+
+def register_batch(
+    kind: JobKind, *, max_jobs: int
+) -> Callable[[BatchFunction[P]], BatchFunction[P]]:
+    """Decorator: the batch function of *kind*, whose handler is :func:`register`-ed already.
+
+    The function takes up to *max_jobs* ``(job, payload)`` pairs and returns one outcome per
+    job (``None`` or the exception it failed with); it must be idempotent per job as a
+    handler is. Only for kinds whose jobs are short: every job of a batch stays leased
+    until the batch is done.
+    """
+
+    def deco(fn: BatchFunction[P]) -> BatchFunction[P]:
+        handler = REGISTRY.get(kind)
+        if handler is None:
+            raise ValueError(f"register the handler of {kind.value!r} before its batch function")
+        handler.batch = fn
+        handler.max_batch = max(1, max_jobs)
         return fn
 
     return deco

@@ -163,6 +163,7 @@ def _worker_main(settings: Settings, lane: str, index: int) -> None:
     # Migration was checked by the supervisor's preflight; a worker (re)started while the
     # database is down must still come up (it retries its lease until the database is back).
     ctx = open_context(settings, check_migrated=False)
+    _lower_priority(settings.workers.nice)
     kinds = settings.workers.lanes[lane].kinds
     worker = Worker(
         ctx,
@@ -187,6 +188,21 @@ def _worker_main(settings: Settings, lane: str, index: int) -> None:
     worker.run()
     ctx.db.dispose()
     sys.exit(0)
+
+
+def _lower_priority(nice: int) -> None:
+    """Run this worker process (every thread it starts from now on) at *nice*: on a busy CPU
+    the SCP's association threads, whose peers wait for each answer, run first. While a
+    worker holds the database's write turn it runs at normal priority again
+    (:mod:`storage.turn`)."""
+    if nice <= 0:
+        return
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, 0)
+        if current < nice:
+            os.setpriority(os.PRIO_PROCESS, 0, nice)
+    except OSError as exc:
+        logger.warning("cannot lower the worker's CPU priority to nice %d: %s", nice, exc)
 
 
 @dataclass

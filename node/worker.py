@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from node.config import WorkersSection
-from node.jobs import PERIODIC, JobContext, PermanentJobError
+from node.jobs import PERIODIC, Handler, JobContext, PermanentJobError
 from node.stopflag import StopFlag
 from storage.audit import AuditKind
 from storage.errors import StorageError
@@ -73,6 +73,8 @@ class Worker:
         self.name = name or f"{socket.gethostname()}:{os.getpid()}"
         self.stop = StopFlag()
         self.current: Job | None = None
+        self.held: list[Job] = []
+        """Every job of the batch in hand that has no outcome yet."""
         self._periodic_due: dict[str, float] = {}
         self._run_periodic = periodic
 
@@ -88,16 +90,50 @@ class Worker:
             if self._run_periodic:
                 self.run_periodic()
             try:
-                job = self.ctx.queue.lease(self.name, kinds, self._cfg.lease_seconds)
+                jobs = self._lease(kinds)
             except StorageError as exc:
                 logger.warning("cannot lease jobs: %s", exc)
                 self.stop.wait(min(5.0, self._cfg.poll_seconds * 10))
                 continue
-            if job is None:
+            if not jobs:
                 self.stop.wait(self._cfg.poll_seconds)
                 continue
-            self.run_one(job)
+            self.run_jobs(jobs)
         logger.info("worker %s stopped", self.name)
+
+    def _max_batch(self, kind: str) -> int:
+        handler = self.handlers.get(kind)
+        return int(getattr(handler, "max_batch", 1)) if isinstance(handler, Handler) else 1
+
+    def _lease(self, kinds: list[str]) -> list[Job]:
+        """The next jobs to run: a batch of the kinds that have a batch handler, else one."""
+        lease_seconds = self._cfg.lease_seconds
+        batched = [k for k in kinds if self._max_batch(k) > 1]
+        if batched:
+            limit = max(self._max_batch(k) for k in batched)
+            jobs = self.ctx.queue.lease_many(self.name, batched, lease_seconds, limit)
+            if jobs:
+                return jobs
+        single = [k for k in kinds if k not in batched]
+        job = self.ctx.queue.lease(self.name, single, lease_seconds) if single else None
+        return [job] if job is not None else []
+
+    def run_jobs(self, jobs: list[Job]) -> None:
+        """Run leased *jobs*: a lone job by :meth:`run_one`, a batch by kind."""
+        if len(jobs) == 1:
+            self.run_one(jobs[0])
+            return
+        by_kind: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_kind.setdefault(job.kind, []).append(job)
+        for group in by_kind.values():
+            try:
+                self._run_batch(group)
+            except StorageError as exc:
+                logger.warning(
+                    "a batch of %d %s job(s): cannot record its outcome (%s); they run again "
+                    "after their lease", len(group), group[0].kind, exc,
+                )
 
     def run_periodic(self) -> None:
         now = time.monotonic()
@@ -156,6 +192,49 @@ class Worker:
             beat_stop.set()
             self.current = None
 
+    def _run_batch(self, jobs: list[Job]) -> None:
+        handler = self.handlers.get(jobs[0].kind)
+        if not isinstance(handler, Handler):
+            for job in jobs:
+                self.run_one(job)
+            return
+        self.current, self.held = jobs[0], list(jobs)
+        beat_stop = threading.Event()
+        beat = threading.Thread(target=self._heartbeat_all, args=(beat_stop,), daemon=True)
+        beat.start()
+        started = time.monotonic()
+        try:
+            outcomes = handler.run_batch(jobs, self.ctx)
+            done = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
+            for job, ok in zip(done, self.ctx.queue.complete_many(done), strict=True):
+                if ok:
+                    logger.info("job %d (%s) done in a batch of %d in %.3f s",
+                                job.id, job.kind, len(jobs), time.monotonic() - started)
+                else:
+                    logger.warning("job %d (%s) finished after its lease was lost",
+                                   job.id, job.kind)
+            self.held = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome]
+            for job, outcome in zip(jobs, outcomes, strict=True):
+                if outcome is None:
+                    continue
+                if isinstance(outcome, PermanentJobError):
+                    self._fail(job, str(outcome), permanent=True)
+                else:
+                    self._fail(job, f"{type(outcome).__name__}: {outcome}", permanent=False)
+                self.held.remove(job)
+        finally:
+            beat_stop.set()
+            self.current, self.held = None, []
+
+    def _heartbeat_all(self, done: threading.Event) -> None:
+        interval = max(self._cfg.lease_seconds / 3, 0.05)
+        while not done.wait(interval):
+            for job in list(self.held):
+                try:
+                    self.ctx.queue.heartbeat(job, self._cfg.lease_seconds)
+                except StorageError as exc:
+                    logger.warning("heartbeat of job %d failed: %s", job.id, exc)
+
     def _fail(self, job: Job, error: str, *, permanent: bool) -> JobState | None:
         cfg = self._cfg
         if permanent or job.attempts >= job.max_attempts:
@@ -185,11 +264,13 @@ class Worker:
                 logger.warning("heartbeat of job %d failed: %s", job.id, exc)
 
     def release_current(self) -> bool:
-        """Give the job in hand back to the queue (shutdown past the grace period)."""
-        job = self.current
-        if job is None:
-            return False
-        try:
-            return self.ctx.queue.release(job)
-        except StorageError:
-            return False
+        """Give the job (or the batch) in hand back to the queue (shutdown past the grace
+        period); ``True`` if any was given back."""
+        jobs = list(self.held) or ([self.current] if self.current is not None else [])
+        released = False
+        for job in jobs:
+            try:
+                released = self.ctx.queue.release(job) or released
+            except StorageError:
+                pass
+        return released

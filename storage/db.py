@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from sqlalchemy.exc import IntegrityError as SQLAlchemyIntegrityError
 from sqlalchemy.orm import Session, configure_mappers, sessionmaker
 
 from storage.errors import DatabaseUnavailable, NotMigrated
+from storage.turn import WriteTurn
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +44,12 @@ class Database:
         parsed = make_url(url)
         self.dialect = parsed.get_backend_name()
         kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        # SQLite: the node's writers take turns through a lock file (storage.turn).
+        self.turn: WriteTurn | None = None
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
                 _private_sqlite_file(Path(parsed.database))
+                self.turn = WriteTurn(Path(parsed.database), timeout_seconds=busy_timeout_ms / 1000)
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000, "isolation_level": None}
         else:
             kwargs.update(
@@ -62,10 +66,16 @@ class Database:
     def is_postgresql(self) -> bool:
         return self.dialect == "postgresql"
 
+    def write_turn(self, *, priority: bool = False) -> AbstractContextManager[None]:
+        """Hold the node-wide write turn of a SQLite file (:mod:`storage.turn`); on
+        PostgreSQL (row locks, no single writer) it is a no-op. :meth:`session` and
+        :meth:`transaction` take it themselves; *priority* is for the C-STORE path."""
+        return nullcontext() if self.turn is None else self.turn.hold(priority=priority)
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error."""
-        with self._translated():
+        with self.write_turn(), self._translated():
             with self._sessions() as session, session.begin():
                 yield session
 
@@ -73,7 +83,7 @@ class Database:
     def transaction(self) -> Iterator[Connection]:
         """A Core connection in one write transaction, as :meth:`session` without the ORM
         (for the C-STORE path, where the session's own bookkeeping is measurable)."""
-        with self._translated():
+        with self.write_turn(), self._translated():
             with self.engine.begin() as conn:
                 yield conn
 
@@ -206,6 +216,8 @@ class Database:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        if self.turn is not None:
+            self.turn.close()
 
 
 class PreparedInsert:

@@ -71,6 +71,22 @@ class JobQueue(ABC):
     def lease(self, owner: str, kinds: Sequence[str], lease_seconds: float) -> Job | None:
         """Lease the next due job of one of *kinds*, or return ``None``."""
 
+    def lease_many(
+        self, owner: str, kinds: Sequence[str], lease_seconds: float, limit: int
+    ) -> list[Job]:
+        """Lease up to *limit* due jobs of *kinds* at once, in queue order.
+
+        Each is leased as by :meth:`lease` (its own token and attempt count). The SQL queue
+        does it in one transaction, so a worker taking a batch takes the write lock once.
+        """
+        jobs: list[Job] = []
+        for _ in range(limit):
+            job = self.lease(owner, kinds, lease_seconds)
+            if job is None:
+                break
+            jobs.append(job)
+        return jobs
+
     @abstractmethod
     def heartbeat(self, job: Job, lease_seconds: float) -> bool:
         """Extend the lease; ``False`` if the lease was lost."""
@@ -78,6 +94,10 @@ class JobQueue(ABC):
     @abstractmethod
     def complete(self, job: Job) -> bool:
         """Mark the job done; ``False`` if the lease was lost."""
+
+    def complete_many(self, jobs: Sequence[Job]) -> list[bool]:
+        """:meth:`complete` each of *jobs* (the SQL queue: in one transaction)."""
+        return [self.complete(job) for job in jobs]
 
     @abstractmethod
     def fail(self, job: Job, error: str, *, retry_in: float | None) -> JobState | None:
@@ -113,7 +133,8 @@ class JobQueue(ABC):
 # SQL
 
 
-def _to_job(row: JobRow) -> Job:
+def _to_job(row: Any) -> Job:
+    """A :class:`Job` from an ORM row or a Core row of the jobs table."""
     return Job(
         id=row.id,
         kind=row.kind,
@@ -173,40 +194,83 @@ class SqlQueue(JobQueue):
             return self._insert(conn, values)
 
     def lease(self, owner: str, kinds: Sequence[str], lease_seconds: float) -> Job | None:
-        if not kinds:
-            return None
-        now = _now()
-        due = or_(
-            and_(JobRow.state == JobState.QUEUED.value, JobRow.run_after <= now),
-            and_(JobRow.state == JobState.LEASED.value, JobRow.lease_expires_at < now),
+        jobs = self.lease_many(owner, kinds, lease_seconds, 1)
+        return jobs[0] if jobs else None
+
+    def _due(self, kinds: Sequence[str], now: datetime) -> Any:
+        return and_(
+            JobRow.kind.in_(list(kinds)),
+            or_(
+                and_(JobRow.state == JobState.QUEUED.value, JobRow.run_after <= now),
+                and_(JobRow.state == JobState.LEASED.value, JobRow.lease_expires_at < now),
+            ),
         )
-        with self.db.session() as s:
+
+    def lease_many(
+        self, owner: str, kinds: Sequence[str], lease_seconds: float, limit: int
+    ) -> list[Job]:
+        if not kinds or limit < 1:
+            return []
+        now = _now()
+        due = self._due(kinds, now)
+        if not self.db.is_postgresql:
+            # An idle poll must not take SQLite's write turn: look first, without a lock
+            # (a deferred read in WAL mode), and only then lease in a write transaction.
+            with self.db.read() as conn:
+                if conn.execute(select(JobRow.id).where(due).limit(1)).first() is None:
+                    return []
+        with self.db.transaction() as conn:
             query = (
-                select(JobRow)
-                .where(JobRow.kind.in_(list(kinds)), due)
+                select(JobRow.id, JobRow.state, JobRow.attempts, JobRow.max_attempts)
+                .where(due)
                 .order_by(JobRow.run_after, JobRow.id)
-                .limit(1)
+                .limit(limit)
             )
             if self.db.is_postgresql:
                 query = query.with_for_update(skip_locked=True)
-            row = s.execute(query).scalar_one_or_none()
-            if row is None:
-                return None
-            if row.state == JobState.LEASED.value and row.attempts >= row.max_attempts:
-                # Its worker died holding the last attempt: dead-letter, do not run again.
-                row.state = JobState.DEAD.value
-                row.last_error = (row.last_error or "") + " [lease expired on the last attempt]"
-                row.lease_token = row.lease_owner = row.lease_expires_at = None
-                row.updated_at = now
-                return None
-            row.state = JobState.LEASED.value
-            row.attempts += 1
-            row.lease_owner = owner[:64]
-            row.lease_token = _token()
-            row.lease_expires_at = now + timedelta(seconds=lease_seconds)
-            row.updated_at = now
-            s.flush()
-            return _to_job(row)
+            ids: list[int] = []
+            dead: list[int] = []
+            for job_id, state, attempts, max_attempts in conn.execute(query).all():
+                if state == JobState.LEASED.value and attempts >= max_attempts:
+                    # Its worker died holding the last attempt: dead-letter, do not run again.
+                    dead.append(job_id)
+                    if limit == 1:
+                        break
+                else:
+                    ids.append(job_id)
+            if dead:
+                conn.execute(
+                    update(JobRow)
+                    .where(JobRow.id.in_(dead))
+                    .values(
+                        state=JobState.DEAD.value,
+                        last_error=func.coalesce(JobRow.last_error, "")
+                        + " [lease expired on the last attempt]",
+                        lease_token=None,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=now,
+                    )
+                )
+            if not ids:
+                return []
+            # One statement for the batch, one token: a token names one lease of one owner,
+            # and any later lease of a job gives it a new one.
+            rows = conn.execute(
+                update(JobRow)
+                .where(JobRow.id.in_(ids))
+                .values(
+                    state=JobState.LEASED.value,
+                    attempts=JobRow.attempts + 1,
+                    lease_owner=owner[:64],
+                    lease_token=_token(),
+                    lease_expires_at=now + timedelta(seconds=lease_seconds),
+                    updated_at=now,
+                )
+                .returning(*JobRow.__table__.columns)
+            ).all()
+        by_id = {row.id: row for row in rows}
+        return [_to_job(by_id[i]) for i in ids if i in by_id]
 
     def _owned(self, job: Job) -> Any:
         return and_(
@@ -223,6 +287,32 @@ class SqlQueue(JobQueue):
 
     def heartbeat(self, job: Job, lease_seconds: float) -> bool:
         return self._update(job, lease_expires_at=_now() + timedelta(seconds=lease_seconds))
+
+    def complete_many(self, jobs: Sequence[Job]) -> list[bool]:
+        if not jobs:
+            return []
+        # Tokens are unique per lease: matching on (id, token) pairs is matching on tokens.
+        tokens = {job.lease_token for job in jobs if job.lease_token}
+        with self.db.transaction() as conn:
+            done = set(
+                conn.execute(
+                    update(JobRow)
+                    .where(
+                        JobRow.id.in_([job.id for job in jobs]),
+                        JobRow.state == JobState.LEASED.value,
+                        JobRow.lease_token.in_(list(tokens)),
+                    )
+                    .values(
+                        state=JobState.DONE.value,
+                        lease_token=None,
+                        lease_owner=None,
+                        lease_expires_at=None,
+                        updated_at=_now(),
+                    )
+                    .returning(JobRow.id)
+                ).scalars()
+            )
+        return [job.id in done for job in jobs]
 
     def complete(self, job: Job) -> bool:
         return self._update(

@@ -22,6 +22,8 @@ from __future__ import annotations
 import io
 import logging
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidTag
@@ -29,6 +31,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from sqlalchemy import select
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from node.dicom.encoding import EXPLICIT_BE, IMPLICIT_LE
@@ -90,16 +94,48 @@ def store(
     The study record is replaced by the newest instance's header (a re-sent study with a
     corrected name files results under the correction).
     """
+    store_many(db, session, keys,
+               [VaultRecords(study_key, sop_key, study_plaintext, instance_plaintext)])
+
+
+@dataclass(frozen=True)
+class VaultRecords:
+    """The vault plaintexts of one de-identified instance (see :func:`store_many`)."""
+
+    study_key: str
+    sop_key: str
+    study_plaintext: bytes
+    instance_plaintext: bytes
+
+
+def store_many(
+    db: Database, conn: Session | Connection, keys: NodeKeys, records: Sequence[VaultRecords]
+) -> None:
+    """:func:`store` for several instances in one statement per table (``executemany``); of
+    several instances of one study, the last one's header is the study's record."""
+    if not records:
+        return
     now = datetime.now(UTC)
-    study_ct = seal(keys.vault, study_key, study_plaintext)
-    db.upsert(
-        session, VaultStudy, {"study_key": study_key, "ciphertext": study_ct, "updated_at": now},
-        key="study_key", update={"ciphertext": study_ct, "updated_at": now},
+    studies = {r.study_key: r for r in records}
+    dialect_insert = postgresql.insert if db.is_postgresql else sqlite.insert
+    study = dialect_insert(VaultStudy)
+    conn.execute(
+        study.on_conflict_do_update(
+            index_elements=["study_key"],
+            set_={"ciphertext": study.excluded.ciphertext, "updated_at": now},
+        ),
+        [{"study_key": k, "ciphertext": seal(keys.vault, k, r.study_plaintext), "updated_at": now}
+         for k, r in studies.items()],
     )
-    inst_ct = seal(keys.vault, sop_key, instance_plaintext)
-    db.upsert(
-        session, VaultInstance, {"sop_key": sop_key, "study_key": study_key, "ciphertext": inst_ct},
-        key="sop_key", update={"ciphertext": inst_ct, "study_key": study_key},
+    instance = dialect_insert(VaultInstance)
+    conn.execute(
+        instance.on_conflict_do_update(
+            index_elements=["sop_key"],
+            set_={"ciphertext": instance.excluded.ciphertext,
+                  "study_key": instance.excluded.study_key},
+        ),
+        [{"sop_key": r.sop_key, "study_key": r.study_key,
+          "ciphertext": seal(keys.vault, r.sop_key, r.instance_plaintext)} for r in records],
     )
 
 

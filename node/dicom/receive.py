@@ -37,9 +37,7 @@ instances are retried one transaction each, so one bad row cannot fail its neigh
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import os
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -106,9 +104,6 @@ class Receiver:
         self.max_inflated = max_inflated_bytes
         self._insert_row = PreparedInsert(db, Instance.__table__, _ROW_COLUMNS, "sop_key")
         self._committer = _GroupCommitter(self._write_rows, self._writer_turn)
-        # SQLite: the SCP processes take turns through a lock file (see _writer_turn).
-        self._turn_path = None if db.is_postgresql else data_dir / ".receive-write.lock"
-        self._turn_fd: tuple[int, int] | None = None  # (pid, fd): opened once per process
 
     def store(
         self,
@@ -230,31 +225,16 @@ class Receiver:
 
     @contextmanager
     def _writer_turn(self) -> Iterator[None]:
-        """On SQLite, hold an exclusive ``flock`` shared by the node's SCP processes while
-        writing. SQLite's own busy handler polls a held write lock with sleeps of 1, 2, 5,
-        10 … 100 ms, so under contention most of the lock's time is lost to sleeping and one
-        process can starve another; blocked on the flock, the next process's leader wakes
-        as soon as the lock is released (and its batch has grown meanwhile). Other writers
-        (workers, the CLI) still meet SQLite's busy timeout as before."""
+        """Hold the database's write turn (:mod:`storage.turn`, SQLite only) as its priority
+        writer: blocked on an ``flock`` shared by every writer of the node, the leader wakes
+        as soon as the turn is free (its batch has grown meanwhile), where SQLite's own busy
+        handler would sleep 1, 2, 5 … 100 ms between attempts; the workers and the CLI poll
+        for the turn, so the SCP goes first when both wait."""
         # The records written so far become durable before queueing for the lock, not while
         # holding it (the sync in _write_rows then covers only rows that arrived meanwhile).
         self.spool.sync()
-        if self._turn_path is None:
+        with self.db.write_turn(priority=True):
             yield
-            return
-        pid = os.getpid()
-        if self._turn_fd is None or self._turn_fd[0] != pid:  # a flock is per open file
-            fd = os.open(self._turn_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._turn_fd = (pid, fd)
-        fd = self._turn_fd[1]
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as exc:
-            raise StorageError("cannot take the receive write lock") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
 
     def _discard(self, spool_name: str) -> None:
         try:

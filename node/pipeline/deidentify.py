@@ -27,21 +27,34 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
-from sqlalchemy import select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import bindparam, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import Connection
 
 from node.config import Settings
 from node.deid import vault
 from node.deid.engine import Deidentifier, DeidResult
 from node.errors import MalformedDataset, RejectedInstance
-from node.jobs import DeidentifyPayload, JobContext, JobKind, PermanentJobError, periodic, register
+from node.jobs import (
+    DeidentifyPayload,
+    JobContext,
+    JobKind,
+    PermanentJobError,
+    periodic,
+    register,
+    register_batch,
+)
 from node.keys import NodeKeys
 from node.logs import short_key
 from storage.audit import AuditKind, record
-from storage.models import DeidInstance, Instance, Series, Study
+from storage.errors import StorageError
+from storage.models import AuditEvent, DeidInstance, Instance, Series, Study
 from storage.records import InstanceState, Job, StudyState
 
 logger = logging.getLogger(__name__)
@@ -52,6 +65,9 @@ orphan spool items."""
 # A spool item no row names is an orphan once this old (see remove_orphan_spool).
 ORPHAN_AGE_SECONDS = 3600.0
 _IN_CHUNK = 500
+BATCH_JOBS = 32
+"""Most ``deidentify`` jobs a worker leases and records in one go (see deidentify_batch)."""
+T = TypeVar("T")
 
 _engines: dict[int, tuple[Settings, bytes, Deidentifier]] = {}
 _lock = threading.Lock()
@@ -82,38 +98,116 @@ def _set_state(ctx: JobContext, instance_id: int, state: InstanceState, **values
 @register(JobKind.DEIDENTIFY)
 def deidentify_job(job: Job, payload: DeidentifyPayload, ctx: JobContext) -> None:
     """Handle one ``deidentify`` job (see the module documentation)."""
-    instance_id = payload.instance_id
+    item = _guarded(job, ctx, payload.instance_id, partial(_prepare, ctx, payload.instance_id))
+    if item is not None:
+        _guarded(job, ctx, item.instance_id, partial(_commit, ctx, [item]))
+        _finish(ctx, item)
+
+
+@register_batch(JobKind.DEIDENTIFY, max_jobs=BATCH_JOBS)
+def deidentify_batch(
+    jobs: list[tuple[Job, DeidentifyPayload]], ctx: JobContext
+) -> list[BaseException | None]:
+    """Handle up to :data:`BATCH_JOBS` ``deidentify`` jobs: each instance is de-identified
+    and its blob stored as by :func:`deidentify_job`, then every instance of the batch is
+    recorded in **one** transaction (one turn of SQLite's write lock and one commit for the
+    batch, instead of one per instance, while the SCP's commits wait for the same lock).
+
+    If that transaction fails for any reason but the database being unavailable, each
+    instance is recorded in a transaction of its own, so that one bad row fails only its
+    own job. Outcomes are per job, as :class:`node.jobs.BatchFunction` says.
+    """
+    outcomes: list[BaseException | None] = [None] * len(jobs)
+    ready: list[tuple[int, Job, _Prepared]] = []
+    for i, (job, payload) in enumerate(jobs):
+        try:
+            item = _guarded(job, ctx, payload.instance_id,
+                            partial(_prepare, ctx, payload.instance_id))
+        except Exception as exc:
+            outcomes[i] = exc
+            continue
+        if item is not None:
+            ready.append((i, job, item))
+    if not ready:
+        return outcomes
     try:
-        _run(job, ctx, instance_id)
+        _commit(ctx, [item for _, _, item in ready])
+        committed = ready
+    except StorageError as exc:  # the database is unavailable: every job retries
+        for i, job, item in ready:
+            outcomes[i] = exc
+            _mark_failed_if_last(job, ctx, item.instance_id)
+        return outcomes
+    except Exception:
+        committed = []
+        for i, job, item in ready:
+            try:
+                _guarded(job, ctx, item.instance_id, partial(_commit, ctx, [item]))
+            except Exception as exc:
+                outcomes[i] = exc
+            else:
+                committed.append((i, job, item))
+    for i, _, item in committed:
+        try:
+            _finish(ctx, item)
+        except Exception as exc:  # a retry finds the instance recorded and removes the item
+            outcomes[i] = exc
+    return outcomes
+
+
+def _guarded(job: Job, ctx: JobContext, instance_id: int, step: Callable[[], T]) -> T:
+    """Run *step* of *job*; an error that ends the job marks the instance ``failed``."""
+    try:
+        return step()
     except PermanentJobError:
         _set_state(ctx, instance_id, InstanceState.FAILED)
         raise
     except Exception:
-        if job.attempts >= job.max_attempts:  # the worker dead-letters it after this attempt
-            try:
-                _set_state(ctx, instance_id, InstanceState.FAILED)
-            except Exception as exc:  # keep the original error for the job
-                logger.warning("cannot mark instance %d failed: %s", instance_id, exc)
+        _mark_failed_if_last(job, ctx, instance_id)
         raise
 
 
-def _run(job: Job, ctx: JobContext, instance_id: int) -> None:
-    with ctx.db.session() as s:
-        row = s.get(Instance, instance_id)
-        if row is None:
-            raise PermanentJobError(f"instance {instance_id} does not exist")
-        state, spool_name = row.state, row.spool_name
-        syntax, sop_key = row.transfer_syntax_uid, row.sop_key
-        study_key, series_key = row.study_key, row.series_key
+def _mark_failed_if_last(job: Job, ctx: JobContext, instance_id: int) -> None:
+    if job.attempts >= job.max_attempts:  # the worker dead-letters it after this attempt
+        try:
+            _set_state(ctx, instance_id, InstanceState.FAILED)
+        except Exception as exc:  # keep the original error for the job
+            logger.warning("cannot mark instance %d failed: %s", instance_id, exc)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """A de-identified instance whose blob is stored, waiting for its transaction."""
+
+    instance_id: int
+    study_key: str
+    series_key: str
+    spool_name: str
+    result: DeidResult
+    digest: str
+
+
+def _prepare(ctx: JobContext, instance_id: int) -> _Prepared | None:
+    """Steps 1-4 (no write transaction); ``None`` when nothing is left to record."""
+    with ctx.db.read() as conn:
+        row = conn.execute(
+            select(
+                Instance.state, Instance.spool_name, Instance.transfer_syntax_uid,
+                Instance.sop_key, Instance.study_key, Instance.series_key,
+            ).where(Instance.id == instance_id)
+        ).first()
+    if row is None:
+        raise PermanentJobError(f"instance {instance_id} does not exist")
+    state, spool_name, syntax, sop_key, study_key, series_key = row
 
     if state == InstanceState.DEIDENTIFIED.value:
         if spool_name and ctx.spool.exists(spool_name):
             ctx.spool.delete(spool_name)
         logger.info("instance %d was de-identified already", instance_id)
-        return
+        return None
     if state == InstanceState.REJECTED.value:
         logger.info("instance %d was rejected already", instance_id)
-        return
+        return None
     if not spool_name or not ctx.spool.exists(spool_name):
         raise PermanentJobError(f"the spool item of instance {instance_id} is missing")
 
@@ -123,7 +217,7 @@ def _run(job: Job, ctx: JobContext, instance_id: int) -> None:
         result = engine.deidentify(raw, syntax)
     except RejectedInstance as exc:
         _reject(ctx, instance_id, sop_key, study_key, str(exc))
-        return
+        return None
     except MalformedDataset as exc:
         raise PermanentJobError(f"instance {instance_id} cannot be de-identified: {exc}") from exc
     del raw
@@ -136,123 +230,162 @@ def _run(job: Job, ctx: JobContext, instance_id: int) -> None:
         raise PermanentJobError(
             f"instance {instance_id}: the dataset's UIDs differ from those it was received under"
         )
-
     digest = ctx.blobs.put(result.data)
-    with ctx.db.session() as s:
-        _record(s, ctx, result, instance_id, study_key, series_key, digest)
-    ctx.spool.delete(spool_name)
+    return _Prepared(instance_id, study_key, series_key, spool_name, result, digest)
+
+
+def _commit(ctx: JobContext, items: list[_Prepared]) -> None:
+    """Step 5 for every item, in one transaction."""
+    with ctx.db.transaction() as conn:
+        _record_batch(conn, ctx, items)
+
+
+def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> None:
+    """Record *items* as :func:`_record` would one by one, in a few statements run with
+    ``executemany``: the write lock is held for the statements, not for an ORM unit of work
+    per instance (on SQLite, every millisecond held here is one the SCP's commit may wait)."""
+    now = datetime.now(UTC)
+    insert = postgresql.insert if ctx.db.is_postgresql else sqlite.insert
+    firsts: dict[str, _Prepared] = {}
+    series_firsts: dict[str, _Prepared] = {}
+    for item in items:
+        firsts.setdefault(item.study_key, item)
+        series_firsts.setdefault(item.series_key, item)
+
+    conn.execute(
+        insert(Study).on_conflict_do_nothing(index_elements=["study_key"]),
+        [
+            {
+                "study_key": key,
+                "patient_key": item.result.patient_key,
+                "accession_key": item.result.accession_key,
+                "state": StudyState.RECEIVING.value,
+                "version": 1,
+                "first_received_at": now,
+                "last_received_at": now,
+            }
+            for key, item in firsts.items()
+        ],
+    )
+    query = select(
+        Study.study_key, Study.state, Study.version, Study.patient_key, Study.accession_key
+    ).where(Study.study_key.in_(list(firsts)))
+    if ctx.db.is_postgresql:
+        query = query.with_for_update()
+    for key, state, version, patient_key, accession_key in conn.execute(query).all():
+        values: dict[str, Any] = {"last_received_at": now}
+        if state == StudyState.COMPLETE.value:
+            values.update(state=StudyState.RECEIVING.value, version=version + 1,
+                          completed_at=None)
+            logger.info("study %s re-opened at version %d", short_key(key), version + 1,
+                        extra={"study_key": key, "study_version": version + 1})
+        if patient_key is None:
+            values["patient_key"] = firsts[key].result.patient_key
+        if accession_key is None:
+            accession = next((i.result.accession_key for i in items
+                              if i.study_key == key and i.result.accession_key), None)
+            if accession is not None:
+                values["accession_key"] = accession
+        conn.execute(update(Study).where(Study.study_key == key).values(**values))
+
+    def _facts(result: DeidResult) -> dict[str, str | None]:
+        return {
+            "modality": (result.modality or "")[:16] or None,
+            "body_part": (result.body_part or "")[:64] or None,
+            "view_position": (result.view_position or "")[:16] or None,
+        }
+
+    conn.execute(
+        insert(Series).on_conflict_do_nothing(index_elements=["series_key"]),
+        [{"series_key": key, "study_key": item.study_key, **_facts(item.result)}
+         for key, item in series_firsts.items()],
+    )
+    rows = conn.execute(
+        select(Series.series_key, Series.modality, Series.body_part, Series.view_position)
+        .where(Series.series_key.in_(list(series_firsts)))
+    ).all()
+    for key, *current in rows:
+        facts = _facts(series_firsts[key].result)
+        missing = {name: facts[name] for name, value in
+                   zip(("modality", "body_part", "view_position"), current, strict=True)
+                   if not value and facts[name]}
+        if missing:
+            conn.execute(update(Series).where(Series.series_key == key).values(**missing))
+
+    deid = insert(DeidInstance)
+    conn.execute(
+        deid.on_conflict_do_update(
+            index_elements=["sop_key"],
+            set_={"blob_digest": deid.excluded.blob_digest, "size_bytes": deid.excluded.size_bytes},
+        ),
+        [
+            {
+                "sop_key": item.result.sop_key,
+                "study_key": item.study_key,
+                "series_key": item.series_key,
+                "sop_class_uid": item.result.sop_class_uid,
+                "blob_digest": item.digest,
+                "size_bytes": len(item.result.data),
+                "created_at": now,
+            }
+            for item in items
+        ],
+    )
+    vault.store_many(
+        ctx.db,
+        conn,
+        ctx.keys,
+        [
+            vault.VaultRecords(item.study_key, item.result.sop_key, item.result.vault_study,
+                               item.result.vault_instance)
+            for item in items
+        ],
+    )
+    conn.execute(
+        update(Instance)
+        .where(Instance.id == bindparam("b_id"))
+        .values(
+            state=InstanceState.DEIDENTIFIED.value,
+            blob_digest=bindparam("b_digest"),
+            reject_reason=None,
+            updated_at=now,
+        ),
+        [{"b_id": item.instance_id, "b_digest": item.digest} for item in items],
+    )
+    conn.execute(
+        insert(AuditEvent),
+        [
+            {
+                "at": now,
+                "event": AuditKind.DEIDENTIFIED.value,
+                "outcome": "success",
+                "actor": None,
+                "detail": {
+                    "sop_key": item.result.sop_key,
+                    "study_key": item.study_key,
+                    "series_key": item.series_key,
+                    "blob": item.digest,
+                    "methods": [c.value for c in item.result.options],
+                    "pixel_rule": item.result.pixel_rule,
+                },
+            }
+            for item in items
+        ],
+    )
+
+
+def _finish(ctx: JobContext, item: _Prepared) -> None:
+    """Step 6: the spool item goes, only after the commit."""
+    ctx.spool.delete(item.spool_name)
+    result = item.result
     logger.info(
         "instance %d de-identified: study %s, %d bytes, %s%s",
-        instance_id,
-        short_key(study_key),
+        item.instance_id,
+        short_key(item.study_key),
         len(result.data),
         "+".join(c.value for c in result.options),
         f", pixels cleaned by rule {result.pixel_rule!r}" if result.pixels_cleaned else "",
-        extra={"instance_id": instance_id, "study_key": study_key},
-    )
-
-
-def _record(
-    s: Session,
-    ctx: JobContext,
-    result: DeidResult,
-    instance_id: int,
-    study_key: str,
-    series_key: str,
-    digest: str,
-) -> None:
-    now = datetime.now(UTC)
-    db = ctx.db
-    db.upsert(
-        s,
-        Study,
-        {
-            "study_key": study_key,
-            "patient_key": result.patient_key,
-            "accession_key": result.accession_key,
-            "state": StudyState.RECEIVING.value,
-            "version": 1,
-            "first_received_at": now,
-            "last_received_at": now,
-        },
-        key="study_key",
-    )
-    study = s.execute(
-        select(Study).where(Study.study_key == study_key).with_for_update()
-    ).scalar_one()
-    if study.state == StudyState.COMPLETE.value:
-        study.state = StudyState.RECEIVING.value
-        study.version += 1
-        study.completed_at = None
-        logger.info("study %s re-opened at version %d", short_key(study_key), study.version,
-                    extra={"study_key": study_key, "study_version": study.version})
-    study.last_received_at = now
-    if study.patient_key is None:
-        study.patient_key = result.patient_key
-    if study.accession_key is None and result.accession_key is not None:
-        study.accession_key = result.accession_key
-
-    db.upsert(
-        s,
-        Series,
-        {
-            "series_key": series_key,
-            "study_key": study_key,
-            "modality": (result.modality or None) and result.modality[:16],
-            "body_part": (result.body_part or None) and result.body_part[:64],
-            "view_position": (result.view_position or None) and result.view_position[:16],
-        },
-        key="series_key",
-    )
-    series = s.get(Series, series_key)
-    if series is not None:
-        series.modality = series.modality or (result.modality or "")[:16] or None
-        series.body_part = series.body_part or (result.body_part or "")[:64] or None
-        series.view_position = series.view_position or (result.view_position or "")[:16] or None
-
-    db.upsert(
-        s,
-        DeidInstance,
-        {
-            "sop_key": result.sop_key,
-            "study_key": study_key,
-            "series_key": series_key,
-            "sop_class_uid": result.sop_class_uid,
-            "blob_digest": digest,
-            "size_bytes": len(result.data),
-            "created_at": now,
-        },
-        key="sop_key",
-        update={"blob_digest": digest, "size_bytes": len(result.data)},
-    )
-    vault.store(
-        db,
-        s,
-        ctx.keys,
-        study_key=study_key,
-        sop_key=result.sop_key,
-        study_plaintext=result.vault_study,
-        instance_plaintext=result.vault_instance,
-    )
-    s.execute(
-        update(Instance)
-        .where(Instance.id == instance_id)
-        .values(
-            state=InstanceState.DEIDENTIFIED.value,
-            blob_digest=digest,
-            reject_reason=None,
-            updated_at=now,
-        )
-    )
-    record(
-        s,
-        AuditKind.DEIDENTIFIED,
-        sop_key=result.sop_key,
-        study_key=study_key,
-        series_key=series_key,
-        blob=digest,
-        methods=[c.value for c in result.options],
-        pixel_rule=result.pixel_rule,
+        extra={"instance_id": item.instance_id, "study_key": item.study_key},
     )
 
 

@@ -194,7 +194,7 @@ def test_crash_before_commit_then_rerun(tmp_path: Path) -> None:
         def boom(*args: object, **kwargs: object) -> None:
             raise RuntimeError("power cut")
 
-        mp.setattr(vault, "store", boom)
+        mp.setattr(vault, "store_many", boom)  # the writes of the batch record
         job = ctx.queue.lease("test", [JobKind.DEIDENTIFY], 60)
         assert job is not None
         with pytest.raises(RuntimeError):
