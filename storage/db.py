@@ -211,6 +211,29 @@ class Database:
         """
         conn.execute(_conflict_insert(self, table, values, key, update))
 
+    def upsert_many(
+        self,
+        conn: Connection | Session,
+        table: Any,
+        rows: Sequence[Mapping[str, Any]],
+        *,
+        key: str,
+        from_row: Sequence[str] = (),
+        update: Mapping[str, Any] | None = None,
+    ) -> None:
+        """:meth:`upsert` of *rows* in one ``executemany``: on a conflict, nothing, or the
+        columns named in *from_row* set from the row being inserted (``excluded``) and the
+        values of *update*."""
+        if not rows:
+            return
+        stmt = (postgresql if self.is_postgresql else sqlite).insert(table)
+        if from_row or update:
+            set_ = {name: stmt.excluded[name] for name in from_row}
+            set_.update(update or {})
+            conn.execute(stmt.on_conflict_do_update(index_elements=[key], set_=set_), rows)
+        else:
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=[key]), rows)
+
     def table_names(self) -> list[str]:
         return inspect(self.engine).get_table_names()
 

@@ -31,7 +31,6 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from sqlalchemy import select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -117,25 +116,17 @@ def store_many(
         return
     now = datetime.now(UTC)
     studies = {r.study_key: r for r in records}
-    dialect_insert = postgresql.insert if db.is_postgresql else sqlite.insert
-    study = dialect_insert(VaultStudy)
-    conn.execute(
-        study.on_conflict_do_update(
-            index_elements=["study_key"],
-            set_={"ciphertext": study.excluded.ciphertext, "updated_at": now},
-        ),
+    db.upsert_many(
+        conn, VaultStudy,
         [{"study_key": k, "ciphertext": seal(keys.vault, k, r.study_plaintext), "updated_at": now}
          for k, r in studies.items()],
+        key="study_key", from_row=["ciphertext"], update={"updated_at": now},
     )
-    instance = dialect_insert(VaultInstance)
-    conn.execute(
-        instance.on_conflict_do_update(
-            index_elements=["sop_key"],
-            set_={"ciphertext": instance.excluded.ciphertext,
-                  "study_key": instance.excluded.study_key},
-        ),
+    db.upsert_many(
+        conn, VaultInstance,
         [{"sop_key": r.sop_key, "study_key": r.study_key,
           "ciphertext": seal(keys.vault, r.sop_key, r.instance_plaintext)} for r in records],
+        key="sop_key", from_row=["ciphertext", "study_key"],
     )
 
 

@@ -33,8 +33,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.engine import Connection
 
 from node.config import Settings
@@ -245,15 +244,16 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
     ``executemany``: the write lock is held for the statements, not for an ORM unit of work
     per instance (on SQLite, every millisecond held here is one the SCP's commit may wait)."""
     now = datetime.now(UTC)
-    insert = postgresql.insert if ctx.db.is_postgresql else sqlite.insert
+    db = ctx.db
     firsts: dict[str, _Prepared] = {}
     series_firsts: dict[str, _Prepared] = {}
     for item in items:
         firsts.setdefault(item.study_key, item)
         series_firsts.setdefault(item.series_key, item)
 
-    conn.execute(
-        insert(Study).on_conflict_do_nothing(index_elements=["study_key"]),
+    db.upsert_many(
+        conn,
+        Study,
         [
             {
                 "study_key": key,
@@ -266,6 +266,7 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             }
             for key, item in firsts.items()
         ],
+        key="study_key",
     )
     query = select(
         Study.study_key, Study.state, Study.version, Study.patient_key, Study.accession_key
@@ -295,10 +296,12 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             "view_position": (result.view_position or "")[:16] or None,
         }
 
-    conn.execute(
-        insert(Series).on_conflict_do_nothing(index_elements=["series_key"]),
+    db.upsert_many(
+        conn,
+        Series,
         [{"series_key": key, "study_key": item.study_key, **_facts(item.result)}
          for key, item in series_firsts.items()],
+        key="series_key",
     )
     rows = conn.execute(
         select(Series.series_key, Series.modality, Series.body_part, Series.view_position)
@@ -312,12 +315,9 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
         if missing:
             conn.execute(update(Series).where(Series.series_key == key).values(**missing))
 
-    deid = insert(DeidInstance)
-    conn.execute(
-        deid.on_conflict_do_update(
-            index_elements=["sop_key"],
-            set_={"blob_digest": deid.excluded.blob_digest, "size_bytes": deid.excluded.size_bytes},
-        ),
+    db.upsert_many(
+        conn,
+        DeidInstance,
         [
             {
                 "sop_key": item.result.sop_key,
@@ -330,6 +330,8 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             }
             for item in items
         ],
+        key="sop_key",
+        from_row=["blob_digest", "size_bytes"],
     )
     vault.store_many(
         ctx.db,
