@@ -248,6 +248,7 @@ def fednode_peer(workers: int | None, extra_env: dict[str, str], src: Path | Non
             [*base, "init", "--dir", str(run_dir), "--ae-title", CALLED_AE,
              "--peer", f"{CALLING_AE}@127.0.0.1", "--port", str(port)],
             check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+            cwd=run_dir,  # `python -m` puts the cwd first on sys.path: not this checkout
         )
         env.update({"FEDNODE_DICOM__HOST": "127.0.0.1", "FEDNODE_LOGGING__LEVEL": "WARNING"})
         if postgres:
