@@ -65,11 +65,35 @@ def test_the_write_turn_is_one_writer_across_processes(tmp_path: Path) -> None:
     db.dispose()
 
 
+def test_a_priority_writer_gives_up_on_a_stuck_turn(tmp_path: Path) -> None:
+    """A writer that stopped while holding the turn (a CLI suspended with Ctrl-Z) makes the
+    SCP's priority write refuse after the busy timeout (the SCP answers 0xA700), not hang."""
+    url = f"sqlite:///{tmp_path}/t.db"
+    db = Database(url, busy_timeout_ms=300)
+    db.upgrade()
+    held, release = FORK.Event(), FORK.Event()
+    holder = FORK.Process(target=_hold_turn, args=(url, held, release))
+    holder.start()
+    try:
+        assert held.wait(30)
+        with pytest.raises(DatabaseUnavailable, match="write turn"):
+            with db.write_turn(priority=True):
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+    with db.write_turn(priority=True):  # and takes it once it is free
+        assert db.turn is not None and db.turn.held
+    db.dispose()
+
+
 def test_transactions_take_the_turn_and_nest_within_it(tmp_path: Path) -> None:
     db = Database(f"sqlite:///{tmp_path}/t.db")
     db.upgrade()
     assert db.turn is not None
-    assert (tmp_path / "t.db-turn").exists() or not db.turn.held
+    with db.session():
+        pass
+    assert (tmp_path / "t.db-turn").exists()  # the first write created the turn file
     with db.write_turn(priority=True):
         assert db.turn.held
         with db.transaction() as conn:  # the SCP's transaction inside its priority turn
