@@ -37,6 +37,7 @@ import re
 import secrets
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -234,6 +235,13 @@ class Limits:
     burst: int = 60
 
 
+MAX_CONTEXTS_PER_NODE = 4
+"""Public contexts kept on disk per node: registrations beyond it remove the oldest (a node
+registers once per key period, so this spans several rotations)."""
+MAX_CACHED_EVALUATORS = 16
+"""Evaluators (deserialised public contexts with their Galois keys) kept in memory."""
+
+
 @dataclass
 class _Bucket:
     tokens: float
@@ -246,9 +254,37 @@ class ServiceState:
     state_dir: Path
     limits: Limits
     tokens: TokenStore
-    evaluators: dict[tuple[str, str], Evaluator] = field(default_factory=dict)
+    evaluators: OrderedDict[tuple[str, str], Evaluator] = field(default_factory=OrderedDict)
+    """Evaluators of registered contexts, least recently used first (at most
+    :data:`MAX_CACHED_EVALUATORS`: each holds a context's Galois keys in memory)."""
     buckets: dict[str, _Bucket] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def cache(self, node: str, key_id: str, ev: Evaluator) -> None:
+        """Remember *ev*, evicting the least recently used evaluator beyond the cap."""
+        with self.lock:
+            self.evaluators[(node, key_id)] = ev
+            self.evaluators.move_to_end((node, key_id))
+            while len(self.evaluators) > MAX_CACHED_EVALUATORS:
+                self.evaluators.popitem(last=False)
+
+    def prune_contexts(self, node: str) -> int:
+        """Keep the :data:`MAX_CONTEXTS_PER_NODE` newest contexts of *node* on disk (the
+        current key and those of results still in flight across a rotation); return how
+        many older ones were removed."""
+        ctx_path, _ = self.context_paths(node, "x")
+        try:
+            contexts = sorted(ctx_path.parent.glob("*.ctx"), key=lambda p: p.stat().st_mtime)
+        except FileNotFoundError:
+            return 0
+        removed = 0
+        for old in contexts[:-MAX_CONTEXTS_PER_NODE]:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".galois").unlink(missing_ok=True)
+            with self.lock:
+                self.evaluators.pop((node, old.stem), None)
+            removed += 1
+        return removed
 
     def context_paths(self, node: str, key_id: str) -> tuple[Path, Path]:
         base = self.state_dir / "contexts" / node / self.model.params.digest()
@@ -257,6 +293,8 @@ class ServiceState:
     def evaluator(self, node: str, key_id: str) -> Evaluator | None:
         with self.lock:
             ev = self.evaluators.get((node, key_id))
+            if ev is not None:
+                self.evaluators.move_to_end((node, key_id))
         if ev is not None:
             return ev
         ctx_path, gal_path = self.context_paths(node, key_id)
@@ -265,8 +303,7 @@ class ServiceState:
         except FileNotFoundError:
             return None
         ev = Evaluator(self.model.circuit, self.model.params, PublicContext(public, galois))
-        with self.lock:
-            self.evaluators[(node, key_id)] = ev
+        self.cache(node, key_id, ev)
         return ev
 
     def allow(self, node: str) -> float:
@@ -365,6 +402,12 @@ def create_app(model: ServedModel, state_dir: Path, limits: Limits | None = None
     async def register(key_id: str, request: Request) -> dict[str, Any]:
         node = authenticate(request)
         check_key_id(key_id)
+        # A registration costs the service far more than an evaluation (disk, memory, the
+        # Galois keys' deserialisation): it takes a token of the same per-node bucket.
+        wait = state.allow(node)
+        if wait > 0:
+            raise problem(429, "rate-limited", "too many requests",
+                          **{"Retry-After": str(max(1, round(wait)))})
         body = await read_body(request, state.limits.max_context_bytes)
         header, parts = parse(body, 2)
         if len(parts) != 2:
@@ -387,8 +430,8 @@ def create_app(model: ServedModel, state_dir: Path, limits: Limits | None = None
         ctx_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(gal_path, parts[1])
         atomic_write(ctx_path, parts[0])
-        with state.lock:
-            state.evaluators[(node, key_id)] = ev
+        state.cache(node, key_id, ev)
+        state.prune_contexts(node)
         logger.info("node %s registered context %s (%d bytes)", node, key_id, len(body))
         return {"key_id": key_id, "registered": True}
 

@@ -73,3 +73,46 @@ def test_tokens_are_stored_hashed_and_revocation_is_immediate(tmp_path: Path) ->
     assert info.status_code == 200
     assert "weight" not in info.text and info.json()["model_id"] == "m-1"
     assert after.status_code == 401 and health.status_code == 200
+
+
+def test_registrations_are_rate_limited_too(tmp_path: Path) -> None:
+    store = TokenStore(tmp_path)
+    a = store.issue("node-a")
+
+    async def body(client: httpx.AsyncClient) -> list[int]:
+        auth = {"Authorization": f"Bearer {a}"}
+        return [(await client.put(f"/v1/contexts/k{i}", content=b"x", headers=auth)).status_code
+                for i in range(3)]
+
+    codes = _with_client(tmp_path, Limits(rate_per_minute=1.0, burst=2), body)
+    assert codes == [400, 400, 429]  # malformed bodies still spend the node's tokens
+
+
+def test_old_contexts_are_pruned_and_evaluators_are_bounded(tmp_path: Path) -> None:
+    import os
+
+    from node.inference import service as svc
+
+    task = ChestXrayTask()
+    torch.manual_seed(0)
+    circuit = he_circuit(task, task.build_model())
+    model = ServedModel(task, circuit, choose_parameters(circuit, (-1.0, 1.0)), "m-1", "v1")
+    state = svc.ServiceState(model, tmp_path, Limits(), TokenStore(tmp_path))
+    for i in range(svc.MAX_CONTEXTS_PER_NODE + 3):
+        ctx_path, gal_path = state.context_paths("node-a", f"key{i}")
+        ctx_path.parent.mkdir(parents=True, exist_ok=True)
+        ctx_path.write_bytes(b"c")
+        gal_path.write_bytes(b"g")
+        os.utime(ctx_path, (1_000_000 + i, 1_000_000 + i))
+    other, _ = state.context_paths("node-b", "key0")
+    other.parent.mkdir(parents=True)
+    other.write_bytes(b"c")
+    assert state.prune_contexts("node-a") == 3
+    left = sorted(p.name for p in ctx_path.parent.iterdir())
+    kept = range(3, svc.MAX_CONTEXTS_PER_NODE + 3)
+    assert left == sorted([f"key{i}.ctx" for i in kept] + [f"key{i}.galois" for i in kept])
+    assert other.exists()  # another node's contexts are its own
+    for i in range(svc.MAX_CACHED_EVALUATORS + 5):
+        state.cache("node-a", f"e{i}", object())  # type: ignore[arg-type]
+    assert len(state.evaluators) == svc.MAX_CACHED_EVALUATORS
+    assert ("node-a", "e0") not in state.evaluators
