@@ -36,7 +36,15 @@ from sqlalchemy.orm import Session
 from node.audit import audit
 from node.config import Settings
 from node.errors import ConfigError, NetworkError, NodeError
-from node.jobs import ExportPayload, JobContext, JobKind, PermanentJobError, enqueue, register
+from node.jobs import (
+    ExportPayload,
+    JobContext,
+    JobKind,
+    PermanentJobError,
+    enqueue,
+    periodic,
+    register,
+)
 from storage.audit import AuditKind
 from storage.errors import IntegrityError, StorageError
 from storage.models import JobRow, Report, ReportExport
@@ -327,12 +335,79 @@ def retry_exports(ctx: JobContext, delivery_ids: Iterable[int] | None = None) ->
 
 @register(JobKind.EXPORT)
 def handle_export(job: Job, payload: ExportPayload, ctx: JobContext) -> None:
-    """The ``export`` job: :func:`export_one` with the job's attempt count."""
-    export_one(
-        ctx,
-        payload.report_id,
-        payload.destination,
-        attempt=job.attempts,
-        max_attempts=job.max_attempts,
-    )
+    """The ``export`` job: :func:`export_one` with the job's attempt count.
+
+    An unexpected error on the last attempt marks the delivery dead before the worker
+    dead-letters the job, so ``fednode exports list`` shows it and ``exports retry`` finds it.
+    """
+    try:
+        export_one(
+            ctx,
+            payload.report_id,
+            payload.destination,
+            attempt=job.attempts,
+            max_attempts=job.max_attempts,
+        )
+    except (PermanentJobError, ExportFailed):
+        raise  # export_one recorded the delivery's state itself
+    except Exception as exc:
+        if job.attempts >= job.max_attempts:
+            _mark_dead(ctx, payload, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def _mark_dead(ctx: JobContext, payload: ExportPayload, error: str) -> None:
+    with ctx.db.session() as session:
+        session.execute(
+            update(ReportExport)
+            .where(
+                ReportExport.report_id == payload.report_id,
+                ReportExport.destination == payload.destination,
+                ReportExport.state == ExportState.QUEUED.value,
+            )
+            .values(state=ExportState.DEAD.value, last_error=error[:500])
+        )
+
+
+RECONCILE_SECONDS = 60.0
+"""How often the export lane looks for deliveries whose job died without them knowing."""
+
+
+def reconcile_deliveries(ctx: JobContext) -> int:
+    """Mark dead every delivery still ``queued`` whose ``export`` job is dead.
+
+    A job can be dead-lettered without its handler recording the delivery: a worker killed
+    on the last attempt leaves the lease to expire, and the queue dead-letters it then. The
+    delivery would otherwise stay ``queued`` for ever, out of reach of ``exports retry``.
+    Returns how many deliveries were marked.
+    """
+    from storage.records import JobState
+
+    marked = 0
+    with ctx.db.session() as session:
+        rows = session.execute(
+            select(ReportExport).where(ReportExport.state == ExportState.QUEUED.value)
+        ).scalars().all()
+        if not rows:
+            return 0
+        keys = {export_dedupe_key(r.report_id, r.destination): r for r in rows}
+        dead = session.execute(
+            select(JobRow.dedupe_key, JobRow.last_error).where(
+                JobRow.dedupe_key.in_(list(keys)), JobRow.state == JobState.DEAD.value
+            )
+        ).all()
+        for key, last_error in dead:
+            row = keys[str(key)]
+            row.state = ExportState.DEAD.value
+            row.last_error = (f"its export job was dead-lettered: {last_error or 'no error'}")[:500]
+            marked += 1
+    if marked:
+        logger.warning("%d export deliveries marked dead: their job was dead-lettered", marked)
+    return marked
+
+
+@periodic("export-reconcile", RECONCILE_SECONDS, kind=JobKind.EXPORT)
+def reconcile_periodic(ctx: JobContext) -> None:
+    """The worker's periodic hook for :func:`reconcile_deliveries`."""
+    reconcile_deliveries(ctx)
 

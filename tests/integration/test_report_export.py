@@ -25,7 +25,13 @@ from node.config import ExportDestination, ExportSection, WorkersSection
 from node.deid.pseudonyms import token, uid_pseudonym
 from node.jobs import JobContext, JobKind, load_handlers
 from node.pipeline.assemble import sweep
-from node.pipeline.export import EXPORT_KIND, destinations, outbox_of, retry_exports
+from node.pipeline.export import (
+    EXPORT_KIND,
+    destinations,
+    outbox_of,
+    reconcile_deliveries,
+    retry_exports,
+)
 from node.pipeline.report import REPORT_KIND, report_sweep, sr_instance_uid
 from node.report.status import study_progress
 from node.tasks import load_tasks
@@ -270,6 +276,34 @@ def test_dead_delivery_is_retried_by_the_operator(tmp_path: Path) -> None:
         report = s.execute(select(Report)).scalar_one()
     assert delivery.state == ExportState.SENT and delivery.attempts == 1
     assert report.state == ReportState.EXPORTED
+
+
+def test_a_delivery_whose_job_died_unrecorded_is_marked_dead_and_retried(tmp_path: Path) -> None:
+    """A worker killed on the export job's last attempt leaves the delivery ``queued``; the
+    queue dead-letters the job when the lease expires. The export lane's reconciliation marks
+    the delivery dead, so ``fednode exports retry`` reaches it."""
+    ctx = _context(tmp_path / "node", free_port(), max_attempts=1)
+    plugin = load_tasks(ctx.settings)["chest_xray"]
+    (generated,) = plugin.synthetic_studies(1, seed=17, image_size=64)
+    _ingest(ctx, list(generated.datasets))
+    _result(ctx, uid_pseudonym(ctx.keys.site, generated.study_instance_uid), 1, 0.7)
+    report_sweep(ctx)
+    _run(ctx, REPORT_KIND)
+    job = ctx.queue.lease("killed-worker", [EXPORT_KIND], 60)
+    assert job is not None
+    assert reconcile_deliveries(ctx) == 0  # its job is only leased: nothing to do
+    # What the queue does when the killed worker's lease expires on the last attempt:
+    assert ctx.queue.fail(job, "lease expired", retry_in=None) is JobState.DEAD
+    with ctx.db.session() as s:
+        assert s.execute(select(ReportExport)).scalar_one().state == ExportState.QUEUED
+    assert reconcile_deliveries(ctx) == 1
+    assert reconcile_deliveries(ctx) == 0  # idempotent
+    with ctx.db.session() as s:
+        delivery = s.execute(select(ReportExport)).scalar_one()
+    assert delivery.state == ExportState.DEAD and "dead-lettered" in (delivery.last_error or "")
+    assert retry_exports(ctx) == 1
+    [requeued] = ctx.queue.list(kind=EXPORT_KIND)
+    assert requeued.state is JobState.QUEUED
 
 
 def test_destinations_from_peer_entries_and_config_errors(tmp_path: Path) -> None:
