@@ -300,14 +300,23 @@ REGISTRY: dict[str, Handler[Any]] = {}
 Periodic = Callable[[JobContext], None]
 
 
+Interval = float | Callable[["Settings"], float]
+"""Seconds between two runs of a sweep: a constant, or read from the settings."""
+
+
 @dataclass(frozen=True)
 class Sweep:
     """A periodic sweep: run by the workers of the lane serving :attr:`kind`."""
 
     name: str
-    every_seconds: float
+    every_seconds: Interval
     kind: JobKind
     fn: Periodic
+
+    def interval(self, settings: Settings) -> float:
+        """Seconds between two runs under *settings*."""
+        every = self.every_seconds
+        return float(every(settings) if callable(every) else every)
 
 
 PERIODIC: dict[str, Sweep] = {}
@@ -364,8 +373,14 @@ def register_batch(
     return deco
 
 
-def periodic(name: str, every_seconds: float, *, kind: JobKind) -> Callable[[Periodic], Periodic]:
+def periodic(
+    name: str, every_seconds: Interval, *, kind: JobKind
+) -> Callable[[Periodic], Periodic]:
     """Decorator: run *fn(ctx)* about every *every_seconds* in the workers serving *kind*.
+
+    *every_seconds* is a number or a function of the settings (for example
+    ``lambda s: s.tasks.sweep_seconds``), read by each worker; the first run is when the
+    worker starts.
 
     A sweep must be safe to run concurrently in several worker processes (use the database to
     arbitrate, e.g. by enqueueing jobs with a dedupe key).

@@ -161,7 +161,7 @@ class Worker:
             due = self._periodic_due.get(name, 0.0)
             if now < due:
                 continue
-            self._periodic_due[name] = now + sweep.every_seconds
+            self._periodic_due[name] = now + sweep.interval(self.ctx.settings)
             try:
                 sweep.fn(self.ctx)
             except Exception as exc:

@@ -3,7 +3,7 @@
 DICOM has no end-of-study signal, so the node does what DICOM routers do: a study is complete
 when no instance of it arrived for ``[tasks] quiet_period_seconds`` (and none is still waiting
 for de-identification). The worker processes run :func:`sweep` periodically (registered with
-:func:`node.jobs.periodic`, at most every ``[tasks] sweep_seconds``); it is safe in several
+:func:`node.jobs.periodic`, every ``[tasks] sweep_seconds``); it is safe in several
 processes at once because a study is completed by one conditional ``UPDATE`` (only the process
 whose update changes the row queues the jobs, in the same transaction) and every job has a
 dedupe key ``infer:<task>:<study_key>:v<version>``.
@@ -18,7 +18,6 @@ new version (new dedupe keys) and marks the results of older versions ``supersed
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -38,9 +37,6 @@ from storage.records import InstanceState, StudyState
 
 logger = logging.getLogger(__name__)
 
-TICK_SECONDS = 1.0
-"""How often the worker offers the sweep a chance to run; the sweep itself runs at most every
-``[tasks] sweep_seconds``."""
 BATCH = 200
 """Studies examined per sweep at most (the oldest quiet ones first)."""
 
@@ -190,15 +186,7 @@ def sweep(
     return report
 
 
-_last_sweep: dict[int, float] = {}
-
-
-@periodic("assemble", TICK_SECONDS, kind=JobKind.ASSEMBLE)
+@periodic("assemble", lambda settings: settings.tasks.sweep_seconds, kind=JobKind.ASSEMBLE)
 def assemble_periodic(ctx: JobContext) -> None:
-    """The worker's periodic hook: :func:`sweep` at most every ``[tasks] sweep_seconds``."""
-    now = time.monotonic()
-    last = _last_sweep.get(id(ctx))
-    if last is not None and now - last < ctx.settings.tasks.sweep_seconds:
-        return
-    _last_sweep[id(ctx)] = now
+    """The worker's periodic hook: :func:`sweep` every ``[tasks] sweep_seconds``."""
     sweep(ctx)

@@ -76,7 +76,6 @@ from storage.records import ExportState, Job, ReportState
 logger = logging.getLogger(__name__)
 
 REPORT_KIND = JobKind.REPORT.value
-TICK_SECONDS = 1.0
 BATCH = 200
 ORPHAN_SECONDS = 3600.0
 """An outbox file no report names is deleted after this long (the job may still commit)."""
@@ -412,17 +411,18 @@ def remove_orphans(ctx: JobContext, *, older_than_seconds: float = ORPHAN_SECOND
     return removed
 
 
-_last_sweep: dict[int, float] = {}
+_warmed_up = False
 
 
-@periodic("report", TICK_SECONDS, kind=JobKind.REPORT)
+@periodic("report", lambda settings: settings.export.sweep_seconds, kind=JobKind.REPORT)
 def report_periodic(ctx: JobContext) -> None:
-    """The worker's periodic hook: :func:`report_sweep` at most every ``sweep_seconds``."""
-    now = time.monotonic()
-    last = _last_sweep.get(id(ctx))
-    if last is None:
-        warm_up()  # the first SR of this process would otherwise load highdicom's tables
-    elif now - last < ctx.settings.export.sweep_seconds:
-        return
-    _last_sweep[id(ctx)] = now
+    """The worker's periodic hook: :func:`report_sweep` every ``[export] sweep_seconds``.
+
+    Its first run in a process (when the worker starts) also loads highdicom's tables, which
+    the first SR of the process would otherwise wait for.
+    """
+    global _warmed_up
+    if not _warmed_up:
+        warm_up()
+        _warmed_up = True
     report_sweep(ctx)
