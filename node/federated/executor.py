@@ -41,6 +41,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -223,7 +224,10 @@ def run_task(address: str, token: str, approvals: Path) -> int:
             reply = app(message=message, context=context)
             status, details, code = SubStatus.COMPLETED, "", 0
     except Exception as exc:
-        logger.error("ClientApp raised %s", type(exc).__name__, exc_info=exc)
+        # The type and where, never the message (it could quote data the ClientApp read).
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
+        logger.error("ClientApp raised %s at %s", type(exc).__name__, where)
         if message is not None:
             reply = Message(
                 Error(
@@ -255,9 +259,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--runtime-api-address", required=True)
         p.add_argument("--approvals", required=True, type=Path)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    from node.logs import configure_logging
+
+    configure_logging("INFO")  # the node's format and its redaction of library identifiers
     for noisy in ("httpx", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if args.cmd == "task":
