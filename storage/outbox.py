@@ -15,19 +15,15 @@ destination acknowledged the SR and the retention period has passed.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
 from storage.errors import IntegrityError, StorageError
 from storage.files import atomic_write, fsync_dir
+from storage.sealing import seal, unseal
 
-NONCE_BYTES = 12
 SUFFIX = ".sr"
 _NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 
@@ -46,7 +42,7 @@ class Outbox:
         if len(key) != 32:
             raise StorageError("the outbox key must be 32 bytes")
         self.root = root
-        self._aead = AESGCM(key)
+        self._key = key
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def path(self, name: str) -> Path:
@@ -57,8 +53,7 @@ class Outbox:
     def put(self, name: str, data: bytes) -> int:
         """Encrypt and store *data* as *name* (replacing an earlier file); return its size."""
         path = self.path(name)
-        nonce = os.urandom(NONCE_BYTES)
-        blob = nonce + self._aead.encrypt(nonce, data, name.encode())
+        blob = seal(self._key, name, data)
         try:
             atomic_write(path, blob, mode=0o600)
         except OSError as exc:
@@ -74,8 +69,8 @@ class Outbox:
         except OSError as exc:
             raise StorageError(f"cannot read outbox item {name}: {exc.strerror}") from exc
         try:
-            return self._aead.decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], name.encode())
-        except (InvalidTag, ValueError) as exc:
+            return unseal(self._key, name, blob)
+        except IntegrityError as exc:
             raise IntegrityError(
                 f"outbox item {name} failed authentication (wrong key or tampered)"
             ) from exc

@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from sqlalchemy import select
@@ -37,12 +34,13 @@ from sqlalchemy.orm import Session
 from node.dicom.encoding import EXPLICIT_BE, IMPLICIT_LE
 from node.errors import DeidError
 from node.keys import NodeKeys
+from storage import sealing
 from storage.db import Database
+from storage.errors import IntegrityError
 from storage.models import VaultInstance, VaultStudy
 
 logger = logging.getLogger(__name__)
 
-NONCE_BYTES = 12
 
 
 class VaultError(DeidError):
@@ -50,16 +48,15 @@ class VaultError(DeidError):
 
 
 def seal(key: bytes, aad: str, plaintext: bytes) -> bytes:
-    """Encrypt *plaintext* with AES-256-GCM; *aad* (the record's key) is authenticated."""
-    nonce = os.urandom(NONCE_BYTES)
-    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad.encode())
+    """Encrypt a vault record (:func:`storage.sealing.seal`; *aad* is the record's key)."""
+    return sealing.seal(key, aad, plaintext)
 
 
 def unseal(key: bytes, aad: str, blob: bytes) -> bytes:
     """Decrypt a record written by :func:`seal` under the same *aad*."""
     try:
-        return AESGCM(key).decrypt(blob[:NONCE_BYTES], blob[NONCE_BYTES:], aad.encode())
-    except (InvalidTag, ValueError) as exc:
+        return sealing.unseal(key, aad, blob)
+    except IntegrityError as exc:
         raise VaultError("a vault record failed authentication (wrong key or tampered)") from exc
 
 

@@ -19,12 +19,13 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import select, update
 
-from node.deid.vault import seal, unseal
 from node.errors import NodeError
 from node.inference.ckks import SecretContext
 from plugins.he import CKKSParameters
 from storage.db import Database
+from storage.errors import IntegrityError
 from storage.models import HEKey
+from storage.sealing import seal, unseal
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +116,7 @@ class KeyStore:
             raise KeyStoreError(f"no CKKS key {key_id} on this node")
         try:
             plain = unseal(self._seal_key, _aad(key_id), sealed)
-        except NodeError as exc:
+        except IntegrityError as exc:
             raise KeyStoreError(
                 f"CKKS key {key_id} failed authentication (another master secret?)"
             ) from exc
