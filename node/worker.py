@@ -80,6 +80,7 @@ class Worker:
         """Every job of the batch in hand that has no outcome yet."""
         self._periodic_due: dict[str, float] = {}
         self._run_periodic = periodic
+        self._single_first = True  # flipped before each lease: batched kinds go first
 
     @property
     def _cfg(self) -> WorkersSection:
@@ -124,17 +125,30 @@ class Worker:
         return int(getattr(handler, "max_batch", 1)) if isinstance(handler, Handler) else 1
 
     def _lease(self, kinds: list[str]) -> list[Job]:
-        """The next jobs to run: a batch of the kinds that have a batch handler, else one."""
+        """The next jobs to run: a batch of the kinds that have a batch handler, or one job of
+        the others. In a lane that serves both, the two are tried first in turn, so that a
+        steady stream of batched jobs does not starve the other kinds."""
         lease_seconds = self._cfg.lease_seconds
         batched = [k for k in kinds if self._max_batch(k) > 1]
-        if batched:
+        single = [k for k in kinds if k not in batched]
+
+        def lease_batch() -> list[Job]:
+            if not batched:
+                return []
             limit = max(self._max_batch(k) for k in batched)
-            jobs = self.ctx.queue.lease_many(self.name, batched, lease_seconds, limit)
+            return self.ctx.queue.lease_many(self.name, batched, lease_seconds, limit)
+
+        def lease_single() -> list[Job]:
+            job = self.ctx.queue.lease(self.name, single, lease_seconds) if single else None
+            return [job] if job is not None else []
+
+        self._single_first = not self._single_first
+        order = (lease_single, lease_batch) if self._single_first else (lease_batch, lease_single)
+        for attempt in order:
+            jobs = attempt()
             if jobs:
                 return jobs
-        single = [k for k in kinds if k not in batched]
-        job = self.ctx.queue.lease(self.name, single, lease_seconds) if single else None
-        return [job] if job is not None else []
+        return []
 
     def run_jobs(self, jobs: list[Job]) -> None:
         """Run leased *jobs*: a lone job by :meth:`run_one`, a batch by kind."""

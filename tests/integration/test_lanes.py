@@ -217,3 +217,21 @@ def test_lanes_config_defaults_and_validation(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="workers"):
         load('[workers.lanes.a]\nkinds = ["deidentify", "assemble", "infer", "report", "export"]\n'
              "count = -1\n")
+
+
+def test_a_lane_with_batched_and_single_kinds_serves_both(ctx: JobContext) -> None:
+    """Batched de-identification does not starve an ``infer`` job in the same lane."""
+    from node.jobs import Handler
+
+    batched = Handler(JobKind.DEIDENTIFY, lambda job, payload, c: None)
+    batched.max_batch = 8
+    worker = Worker(ctx, {JobKind.DEIDENTIFY: batched, JobKind.INFER: lambda j, c: None},
+                    periodic=False)
+    for i in range(40):
+        enqueue(ctx.queue, DeidentifyPayload(i))
+    ctx.queue.enqueue(JobKind.INFER, {"n": 1})
+    kinds = sorted(worker.handlers)
+    first, second = worker._lease(kinds), worker._lease(kinds)
+    leased = [j.kind for j in first + second]
+    assert leased.count(JobKind.INFER) == 1
+    assert leased.count(JobKind.DEIDENTIFY) == 8
