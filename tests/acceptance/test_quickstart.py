@@ -46,10 +46,11 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 def _start(tmp_path: Path, port: int, **extra: str) -> tuple[subprocess.Popen[str], Path]:
     log = tmp_path / f"quickstart-{time.time_ns()}.log"
-    proc = subprocess.Popen(
-        ["bash", "deploy/quickstart.sh", str(port)], cwd=ROOT, env=_env(tmp_path, **extra),
-        stdout=open(log, "w"), stderr=subprocess.STDOUT, text=True, start_new_session=True,
-    )
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        proc = subprocess.Popen(
+            ["bash", "deploy/quickstart.sh", str(port)], cwd=ROOT, env=_env(tmp_path, **extra),
+            stdout=out, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        )
     return proc, log
 
 
