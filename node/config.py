@@ -712,8 +712,10 @@ _TOML_FILE: dict[str, Path | None] = {"path": None}
 
 
 def redact_url(url: str) -> str:
-    """Mask the password of a database URL."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """Mask the password of a database URL: in its user info and in a ``password=`` (or
+    ``sslpassword=``) query parameter (libpq accepts both)."""
+    url = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&](?:ssl)?password=)[^&#]*", r"\1***", url)
 
 
 def find_config(explicit: Path | None) -> Path | None:

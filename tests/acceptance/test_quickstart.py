@@ -1,5 +1,6 @@
 """``deploy/quickstart.sh`` as a new user runs it: into a virtual environment, with ``python3``
-only (no ``python`` on PATH), twice (re-runnable), and stopped with Ctrl-C.
+only (no ``python`` on PATH), twice (re-runnable), and stopped with Ctrl-C. Each run shows the
+whole mission: a study in, encrypted inference, the Structured Report back in the PACS.
 
 The venv is made with ``--system-site-packages`` so that the installation step resolves every
 dependency from this machine's packages (the test suite runs offline); everything else is the
@@ -86,20 +87,24 @@ def test_quickstart_in_a_venv_twice_then_ctrl_c(tmp_path: Path) -> None:
     out = log.read_text()
     assert "creating the virtual environment" in out
     assert (tmp_path / "venv" / "bin" / "fednode").exists()
-    assert "deidentified │     3" in out, out
+    assert "Comprehensive 3D SR Document" in out, out  # dsrdump of what the PACS received
+    assert "Completion Flag     : PARTIAL" in out and "(233604007,SCT,\"Pneumonia\")" in out
+    assert "-> exported" in out and "inferred" in out, out  # the steps' timings
     assert "source " + str(tmp_path / "venv") + "/bin/activate" in out
-    assert _nothing_listens(port)
+    assert all(_nothing_listens(p) for p in (port, port + 1, port + 2, port + 3))
 
     second, log = _start(tmp_path, port)
     _wait_for(second, log, "keeps running", 600)
     assert _ctrl_c(second) == 0, log.read_text()
     out = log.read_text()
     assert "reusing the virtual environment" in out and "reusing the node" in out
-    assert "not empty" not in out and "duplicates=3" in out, out
-    assert "stopped" in out and _nothing_listens(port)
+    assert "reusing the model owner's model" in out and "not empty" not in out, out
+    assert out.count("Comprehensive 3D SR Document") == 1, out  # a new patient, a new report
+    assert "stopped" in out
+    assert all(_nothing_listens(p) for p in (port, port + 1, port + 2, port + 3))
 
     third, log = _start(tmp_path, port)
-    _wait_for(third, log, "== installing fednode", 120)
+    _wait_for(third, log, "installing fednode", 120)
     assert _ctrl_c(third) == 130, log.read_text()  # interrupted during the set-up
     assert _nothing_listens(port)
 
