@@ -1,8 +1,10 @@
 """Write audit records; fall back to an append-only local file when the database is down.
 
 The refusal the SCP sends when the database is unavailable must still leave an audit trail,
-so :func:`audit` appends the record as one JSON line to ``<data_dir>/audit-fallback.jsonl``
-(fsynced) when the database write fails. Records hold pseudonymous keys and non-identifying
+so :func:`audit` appends the record as one JSON line to
+``<data_dir>/audit-fallback.jsonl`` (fsynced) when the database write fails, and when that
+file cannot be written either (the data volume is full: it is the database's volume too),
+writes the record to the log. Records hold pseudonymous keys and non-identifying
 facts only.
 """
 
@@ -65,4 +67,10 @@ def append_fallback(
             finally:
                 os.close(fd)
     except OSError as exc:
-        logger.error("audit record lost: cannot write %s (%s)", path, exc.strerror)
+        # The data volume is full or failing (the database shares it): the record goes to the
+        # log, which the service manager keeps elsewhere (journald). It holds pseudonymous
+        # keys and non-identifying facts only, like every audit record.
+        logger.error(
+            "audit record kept in the log only: cannot write %s (%s): %s",
+            path, exc.strerror, line, extra={"audit": json.loads(line)},
+        )

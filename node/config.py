@@ -72,6 +72,27 @@ class Peer(_Section):
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not value or any(c.isspace() for c in value) or "@" in value or "/" in value:
+            raise ValueError("a host is an IP address or a host name, e.g. 10.0.0.5")
+        if ":" in value:
+            import ipaddress
+
+            try:
+                ipaddress.IPv6Address(value.strip("[]"))
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an IP address or host name; write the port apart "
+                    "(port = 104), not as HOST:PORT"
+                ) from None
+            return value.strip("[]")
+        return value
+
 
 class DicomSection(_Section):
     host: str = Field("0.0.0.0", description="address the SCP listens on")
@@ -691,8 +712,10 @@ _TOML_FILE: dict[str, Path | None] = {"path": None}
 
 
 def redact_url(url: str) -> str:
-    """Mask the password of a database URL."""
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    """Mask the password of a database URL: in its user info and in a ``password=`` (or
+    ``sslpassword=``) query parameter (libpq accepts both)."""
+    url = re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&](?:ssl)?password=)[^&#]*", r"\1***", url)
 
 
 def find_config(explicit: Path | None) -> Path | None:

@@ -61,14 +61,33 @@ class TextFormatter(logging.Formatter):
 _UID_LIKE = re.compile(r"\d+(?:\.\d+){2,}")
 
 
+_QUOTED = re.compile(r"'[^'\n]*'?|\"[^\"\n]*\"?")
+
+
+def _from(record: logging.LogRecord, library: str) -> bool:
+    return record.name == library or record.name.startswith(library + ".")
+
+
 class RedactLibraryIdentifiers(logging.Filter):
-    """pynetdicom quotes values it received in some messages (an invalid or non-conformant
-    SOP Instance UID, for one); those can identify a patient's study. In its records every
-    dotted-number sequence becomes ``<uid>``. fednode's own messages carry pseudonyms only."""
+    """Keep values quoted by libraries out of the log (the PHI boundary).
+
+    pynetdicom quotes values it received in some messages (an invalid or non-conformant SOP
+    Instance UID, for one): in its records every dotted-number sequence becomes ``<uid>``.
+    pydicom quotes the value of every element it finds invalid (``Invalid value for VR PN:
+    '<a patient's name>'``, likewise UI, DA, AS, CS, TM, IS, DS ...): its records are dropped
+    (they never say anything an operator could act on), whatever level pydicom's logger is
+    set to. Warnings reach the log through :func:`logging.captureWarnings` (``py.warnings``):
+    quoted text and dotted numbers in them are replaced. fednode's own messages carry
+    pseudonyms only."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.name == "pynetdicom" or record.name.startswith("pynetdicom."):
+        if _from(record, "pydicom"):
+            return False
+        if _from(record, "pynetdicom"):
             record.msg = _UID_LIKE.sub("<uid>", record.getMessage())
+            record.args = None
+        elif record.name == "py.warnings":
+            record.msg = _UID_LIKE.sub("<uid>", _QUOTED.sub("<value>", record.getMessage()))
             record.args = None
         return True
 
@@ -90,6 +109,7 @@ def configure_logging(level: str = "INFO", fmt: str = "text") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)  # through the handler's redaction, not straight to stderr
     logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, root.level))
     logging.getLogger("alembic").setLevel(max(logging.WARNING, root.level))
 

@@ -12,6 +12,7 @@ in WAL mode a deferred read transaction sees the last commit and takes no write 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
@@ -47,7 +48,7 @@ class Database:
         self.turn: WriteTurn | None = None
         if self.dialect == "sqlite":
             if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+                _private_sqlite_file(Path(parsed.database))
                 self.turn = WriteTurn(Path(parsed.database), timeout_seconds=busy_timeout_ms / 1000)
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000, "isolation_level": None}
         else:
@@ -70,6 +71,11 @@ class Database:
         PostgreSQL (row locks, no single writer) it is a no-op. :meth:`session` and
         :meth:`transaction` take it themselves; *priority* is for the C-STORE path."""
         return nullcontext() if self.turn is None else self.turn.hold(priority=priority)
+
+    def receiving(self, within_seconds: float = 0.05) -> bool:
+        """Whether the SCP committed within the last *within_seconds* (SQLite: from the write
+        turn; PostgreSQL has no single writer to share, so never)."""
+        return self.turn is not None and self.turn.priority_writer_active(within_seconds)
 
     @contextmanager
     def session(self) -> Iterator[Session]:
@@ -328,6 +334,30 @@ def _conflict_insert(
     if update:
         return stmt.on_conflict_do_update(index_elements=[key], set_=dict(update))
     return stmt.on_conflict_do_nothing(index_elements=[key])
+
+
+def _private_sqlite_file(path: Path) -> None:
+    """Create the SQLite file 0600 (owner only) before SQLite opens it, and tighten an existing
+    one and its ``-wal``/``-shm`` files: SQLite creates those with the database file's mode,
+    and the process umask (often 022) would otherwise leave them world-readable. They hold
+    pseudonymous keys and audit records, not PHI, but nothing of the node's is for others."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        logger.warning("cannot create %s: %s", path, exc.strerror)
+        return
+    for name in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        try:
+            mode = name.stat().st_mode & 0o777
+            if mode & 0o077:
+                os.chmod(name, mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            logger.warning("cannot restrict the permissions of %s: %s", name, exc.strerror)
 
 
 def _configure_sqlite(engine: Engine, busy_timeout_ms: int) -> None:

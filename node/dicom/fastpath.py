@@ -29,6 +29,15 @@ several SCP processes share. What the node does with a received data set (the po
 here: the server calls the *store* function it is given (:meth:`node.dicom.scp.StorageSCP.
 store_fast`) in the DUL thread.
 
+The DUL here also holds the port against untrusted peers (issue 18; :class:`Limits`): no
+announced length is allocated up front (PDU bodies are read as their bytes arrive), non-P-DATA
+PDUs are capped at :data:`MAX_ASSOCIATE_RQ` and P-DATA-TF at the negotiated maximum, the
+A-ASSOCIATE-RQ must arrive within the first-PDU deadline (the ARTIM timer) and every PDU within
+the per-PDU deadline, a data set beyond the maximum instance size is discarded as it arrives,
+connections not yet associated are capped per process (oldest closed first) and do not count
+against the association limit (:class:`AcceptorAE`), and :meth:`SharedSocketServer.stop`
+returns within the grace period whatever the peers do.
+
 ``FAST_STORE_PATH = False`` leaves every message to pynetdicom (tests compare both paths).
 """
 

@@ -52,7 +52,7 @@ def ae_title_text(value: str | bytes | None) -> str:
     so a title with a line break is one log line."""
     if isinstance(value, bytes):
         value = value.decode("ascii", "replace")
-    text = (value or "").strip()[:16]
+    text = (value or "").strip(" \x00\t\r\n")[:16]
     return "".join(c if " " <= c <= "~" else "?" for c in text)
 
 

@@ -204,6 +204,7 @@ def test_no_pixel_and_no_decrypted_value_crosses_the_wire(
     db.upgrade()
     recording = Recording()
     client = ServiceClient(setup.service.url, setup.token, transport=recording)
+    _clients.append(client)
     pred = EncryptedPredictor(client, KeyStore(db, setup.keys.he, timedelta(days=30)))
     inputs, _ = synthetic_inputs(setup.plugin, 2, seed=99)
     results = pred.predict(setup.plugin, list(inputs))

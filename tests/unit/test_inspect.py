@@ -121,3 +121,62 @@ def test_pydicom_truncated_test_files_are_refused() -> None:
         raw = Path(path).read_bytes()[_dataset_offset(path) :]
         with pytest.raises(MalformedDataset, match=r"truncated|runs past"):
             inspect_dataset(raw, ts)
+
+
+# -- the receive check against the de-identifier (issue 18) -----------------------------------
+def _nest(depth: int, *, bad_inner_length: bool = False, undefined: bool = False) -> bytes:
+    """A dataset with the four UIDs and a (0008,1140) sequence nested *depth* items deep."""
+    import struct
+
+    def ui(group: int, elem: int, value: str) -> bytes:
+        raw = value.encode() + (b"\x00" if len(value) % 2 else b"")
+        return struct.pack("<HH2sH", group, elem, b"UI", len(raw)) + raw
+
+    inner = struct.pack("<HH2sH", 0x0008, 0x0100, b"SH", 0x20 if bad_inner_length else 4)
+    inner += b"CODE"
+    for _ in range(depth):
+        if undefined:
+            item = struct.pack("<HHL", 0xFFFE, 0xE000, 0xFFFFFFFF) + inner
+            item += struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+            inner = struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, 0xFFFFFFFF) + item
+            inner += struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+        else:
+            item = struct.pack("<HHL", 0xFFFE, 0xE000, len(inner)) + inner
+            inner = struct.pack("<HH2sHL", 0x0008, 0x1140, b"SQ", 0, len(item)) + item
+    return (
+        ui(0x0008, 0x0016, "1.2.840.10008.5.1.4.1.1.2") + ui(0x0008, 0x0018, generate_uid())
+        + inner + ui(0x0020, 0x000D, generate_uid()) + ui(0x0020, 0x000E, generate_uid())
+    )
+
+
+def _malformed_inputs(ct: Dataset) -> list[tuple[str, bytes]]:
+    good = encode(ct, ExplicitVRLittleEndian)
+    return [
+        ("nested 200 deep, defined lengths", _nest(200)),
+        ("nested 3000 deep, defined lengths", _nest(3000)),
+        ("nested 200 deep, undefined lengths", _nest(200, undefined=True)),
+        ("wrong length inside a defined-length item", _nest(3, bad_inner_length=True)),
+        ("wrong length inside an undefined-length item", _nest(3, bad_inner_length=True,
+                                                              undefined=True)),
+        ("truncated", good[:-7]),
+        ("invalid VR", good[:4] + b"\x01\x02" + good[6:]),
+    ]
+
+
+def test_the_receive_check_refuses_exactly_what_the_deidentifier_cannot_walk(ct: Dataset) -> None:
+    from tests.unit.deid_support import engine
+
+    deid = engine()
+    for name, raw in _malformed_inputs(ct):
+        with pytest.raises(MalformedDataset):
+            inspect_dataset(raw, ExplicitVRLittleEndian)
+            pytest.fail(f"the receive check accepted: {name}")
+        with pytest.raises(MalformedDataset):  # the de-identifier's own walk, without repair
+            deid.deidentify(raw, ExplicitVRLittleEndian, repair=False)
+            pytest.fail(f"the de-identifier accepted: {name}")
+    # ... and what it accepts, the de-identifier de-identifies (up to the same depth limit).
+    for raw in (_nest(40), _nest(40, undefined=True), encode(ct, ExplicitVRLittleEndian)):
+        header, missing = inspect_dataset(raw, ExplicitVRLittleEndian)
+        assert header is not None, missing
+        result = deid.deidentify(raw, ExplicitVRLittleEndian, repair=False)
+        assert result.data and not result.residue
