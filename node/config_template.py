@@ -159,6 +159,15 @@ retention_hours = 72
 # host = "10.0.0.5"
 # port = 104
 
+[federation]
+# Flower federated learning (`fednode federation enroll|join|approve`). The SuperLink address
+# and CA are recorded by `enroll` under <data_dir>/federation/. Loopback port of the SuperNode's
+# Runtime API (where fednode's approval-gated executor takes the ClientApp tasks):
+runtime_port = 9094
+# Local DP: Gaussian noise of this multiple of the coordinator's clipping norm on every update
+# before it leaves the node (0 = off; the coordinator's central DP is separate).
+local_dp_noise_multiplier = 0.0
+
 [logging]
 # DEBUG, INFO, WARNING or ERROR; format "text" or "json". Logs never contain patient data.
 level = "INFO"

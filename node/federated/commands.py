@@ -119,7 +119,11 @@ def _registration(log: Path) -> str:
         tail = log.read_bytes()[-20000:].decode(errors="replace")
     except OSError:
         return "unknown (the SuperNode has not run)"
-    refused = max(tail.rfind("2004"), tail.rfind("not registered"), tail.rfind("2001"))
+    refused = max(
+        tail.rfind("[code: 2004]"),  # the SuperLink does not know the node's public key
+        tail.rfind("[code: 2001]"),  # no key was presented
+        tail.rfind("Failed to activate SuperNode"),
+    )
     accepted = tail.rfind("SuperNode ID:")
     if accepted > refused:
         return "registered (the SuperLink accepted the node's key)"

@@ -191,3 +191,20 @@ def test_local_dp_mod_adds_noise_of_sigma_times_the_clipping_norm(tmp_path: Path
     plain = node_local_dp_mod(msg, context(None), call_next)  # no node config: no local DP
     sent = parameters_to_ndarrays(compat.recorddict_to_fitres(plain.content, True).parameters)[0]
     assert np.array_equal(sent, after[0])
+
+
+def test_registration_is_read_from_the_supernode_log(tmp_path: Path) -> None:
+    from node.federated.commands import _registration
+
+    log = tmp_path / "supernode.log"
+    assert _registration(log).startswith("unknown")
+    log.write_text("INFO :      Starting Flower SuperNode\n")
+    assert _registration(log) == "not yet connected"
+    log.write_text("Starting\n[code: 2004] Failed to activate SuperNode.\n")
+    assert _registration(log).startswith("refused")
+    # ids full of digits after a successful activation are not refusals
+    log.write_text(
+        "[code: 2004] Failed to activate SuperNode.\nINFO :      SuperNode ID: 1820041\n"
+        "task 15609803392004014364 of run 5918713209819799071: bundle 794c310fb4af\n"
+    )
+    assert _registration(log).startswith("registered")
