@@ -72,6 +72,27 @@ class Peer(_Section):
 
     _ae = field_validator("ae_title")(_check_ae_title)
 
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.strip()
+        if not value or any(c.isspace() for c in value) or "@" in value or "/" in value:
+            raise ValueError("a host is an IP address or a host name, e.g. 10.0.0.5")
+        if ":" in value:
+            import ipaddress
+
+            try:
+                ipaddress.IPv6Address(value.strip("[]"))
+            except ValueError:
+                raise ValueError(
+                    f"{value!r} is not an IP address or host name; write the port apart "
+                    "(port = 104), not as HOST:PORT"
+                ) from None
+            return value.strip("[]")
+        return value
+
 
 class DicomSection(_Section):
     host: str = Field("0.0.0.0", description="address the SCP listens on")

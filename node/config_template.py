@@ -131,7 +131,8 @@ quiet_period_seconds = 300
 [inference]
 # The model owner's encrypted-inference service (only ciphertexts are sent to it) and the file
 # with this node's token (issued by the service's administrator: `fednode inference-server
-# token issue NODE`). Without a server, studies wait in the "infer" queue.
+# token issue NODE`). Without them, "infer" jobs retry with backoff and end as dead letters
+# after workers.max_attempts (`fednode jobs retry --all` requeues them once configured).
 # server = "https://models.example.org:8443"
 # token_file = "/etc/fednode/inference.token"
 # A new CKKS key per task after this many days (results keep the id of their key).

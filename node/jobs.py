@@ -227,9 +227,22 @@ class JobContext:
 P = TypeVar("P", bound=Payload)
 
 
-BatchFunction = Callable[[list[tuple["Job", P]], "JobContext"], list[BaseException | None]]
+class Completed:
+    """The outcome of a batch job that the batch function has completed itself, in the
+    transaction that recorded its work (``queue.complete_many(jobs, session=...)``)."""
+
+    def __repr__(self) -> str:
+        return "COMPLETED"
+
+
+COMPLETED = Completed()
+
+Outcome = BaseException | Completed | None
+
+BatchFunction = Callable[[list[tuple["Job", P]], "JobContext"], list[Outcome]]
 """A batch handler: ``(jobs with their payloads, ctx) -> one outcome per job`` (``None`` =
-done, an exception = that job failed, as if a plain handler had raised it)."""
+done, for the worker to complete; :data:`COMPLETED` = done and completed by the batch
+function; an exception = that job failed, as if a plain handler had raised it)."""
 
 
 class Handler(Generic[P]):
@@ -252,14 +265,14 @@ class Handler(Generic[P]):
         payload = cast(P, parse_payload(job.kind, job.payload))
         self.fn(job, payload, ctx)
 
-    def run_batch(self, jobs: list[Job], ctx: JobContext) -> list[BaseException | None]:
+    def run_batch(self, jobs: list[Job], ctx: JobContext) -> list[Outcome]:
         """Run *jobs* (all of this kind); return one outcome per job, in order.
 
         A job whose payload does not parse fails with :class:`PermanentJobError` without
         running; the others go to the batch function (or, without one, to the handler one
         at a time).
         """
-        outcomes: list[BaseException | None] = [None] * len(jobs)
+        outcomes: list[Outcome] = [None] * len(jobs)
         parsed: list[tuple[int, Job, P]] = []
         for i, job in enumerate(jobs):
             try:

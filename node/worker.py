@@ -23,13 +23,16 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from node.config import WorkersSection
-from node.jobs import PERIODIC, Handler, JobContext, PermanentJobError
+from node.jobs import COMPLETED, PERIODIC, Handler, JobContext, PermanentJobError
 from node.stopflag import StopFlag
 from storage.audit import AuditKind
 from storage.errors import StorageError
 from storage.records import Job, JobState
 
 logger = logging.getLogger(__name__)
+
+GATHER_SECONDS = 0.1
+"""How long a worker lets a batch grow while the SCP is receiving (see Worker._gather)."""
 
 JobFunction = Callable[[Job, JobContext], None]
 """What the worker calls for a leased job (a registered :class:`node.jobs.Handler` is one)."""
@@ -99,7 +102,22 @@ class Worker:
                 self.stop.wait(self._cfg.poll_seconds)
                 continue
             self.run_jobs(jobs)
+            self._gather(jobs)
         logger.info("worker %s stopped", self.name)
+
+    def _gather(self, jobs: list[Job]) -> None:
+        """While the SCP is receiving (it committed within the last 50 ms), a worker that
+        ran a batch smaller than its kind allows waits :data:`GATHER_SECONDS` before leasing
+        again, so that the next batch is bigger: every batch costs two turns of SQLite's
+        write lock (lease; record and complete), the lock the SCP's commits wait for."""
+        limit = self._max_batch(jobs[0].kind)
+        if limit <= 1 or len(jobs) >= limit:
+            return
+        try:
+            if self.ctx.db.receiving(0.05):
+                self.stop.wait(GATHER_SECONDS)
+        except Exception as exc:  # a hint only
+            logger.debug("cannot tell whether the SCP is receiving: %s", exc)
 
     def _max_batch(self, kind: str) -> int:
         handler = self.handlers.get(kind)
@@ -205,17 +223,24 @@ class Worker:
         started = time.monotonic()
         try:
             outcomes = handler.run_batch(jobs, self.ctx)
-            done = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome is None]
-            for job, ok in zip(done, self.ctx.queue.complete_many(done), strict=True):
-                if ok:
+            pairs = list(zip(jobs, outcomes, strict=True))
+            done = [job for job, outcome in pairs if outcome is None]
+            completed = dict.fromkeys(
+                (job.id for job, outcome in pairs if outcome is COMPLETED), True)
+            completed.update(zip((j.id for j in done), self.ctx.queue.complete_many(done),
+                                 strict=True))
+            for job, _ in pairs:
+                if job.id not in completed:
+                    continue
+                if completed[job.id]:
                     logger.info("job %d (%s) done in a batch of %d in %.3f s",
                                 job.id, job.kind, len(jobs), time.monotonic() - started)
                 else:
                     logger.warning("job %d (%s) finished after its lease was lost",
                                    job.id, job.kind)
-            self.held = [job for job, outcome in zip(jobs, outcomes, strict=True) if outcome]
-            for job, outcome in zip(jobs, outcomes, strict=True):
-                if outcome is None:
+            self.held = [job for job, outcome in pairs if isinstance(outcome, BaseException)]
+            for job, outcome in pairs:
+                if not isinstance(outcome, BaseException):
                     continue
                 if isinstance(outcome, PermanentJobError):
                     self._fail(job, str(outcome), permanent=True)

@@ -110,6 +110,12 @@ class HEEncoding:
     the last remaining modulus, i.e. ``|value| < 2**(coeff_mod_bit_sizes[0] -
     global_scale_bits - 1)`` (16 with the defaults); the model keeps its logit within
     ``output_bound``, well inside that limit.
+
+    The ring and modulus fields here are the task's declared defaults (the tutorial-style
+    evaluation the benchmark compares against). fednode's evaluator does not use them: the
+    inference service chooses the CKKS parameters per trained model from a guaranteed bound of
+    its logit (:func:`plugins.he.choose_parameters`) and publishes them; ``kernel_size``,
+    ``stride``, ``input_range`` and ``output_bound`` do apply.
     """
 
     scheme: str = "CKKS"

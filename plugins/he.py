@@ -367,12 +367,13 @@ def choose_parameters(circuit: HECircuit, input_range: tuple[float, float]) -> C
     bound = max(circuit.logit_bound(input_range), 1.0)
     head = math.ceil(math.log2(bound)) + 3
     for degree, budget in MAX_MODULUS_BITS.items():
-        layout = HELayout(degree // 2, circuit.channels, circuit.windows, circuit.kernel**2,
-                          circuit.hidden)
+        layout = HELayout(
+            degree // 2, circuit.channels, circuit.windows, circuit.kernel**2, circuit.hidden
+        )
         if layout.problems():
             continue
-        scale = min(MAX_SCALE_BITS, (budget - 2 * head) // (DEPTH + 2))
-        if scale < MIN_SCALE_BITS or scale + head > MAX_PRIME_BITS:
+        scale = min(MAX_SCALE_BITS, (budget - 2 * head) // (DEPTH + 2), MAX_PRIME_BITS - head)
+        if scale < MIN_SCALE_BITS:
             continue
         bits = (scale + head, *([scale] * DEPTH), scale + head)
         return CKKSParameters(degree, bits, scale, bound)

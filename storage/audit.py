@@ -21,6 +21,10 @@ class AuditKind(StrEnum):
     JOB_DEAD = "job-dead"
     LABELS_IMPORTED = "labels-imported"
     CONFIG_CHANGED = "config-changed"
+    REPORT_CREATED = "report-created"
+    """An SR was re-identified from the vault into the outbox (PHI leaves the vault)."""
+    REPORT_EXPORTED = "report-exported"
+    """A destination acknowledged an SR (PHI left the node), or refused it for good."""
 
 
 def record(

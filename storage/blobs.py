@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 from storage.errors import IntegrityError, StorageError
-from storage.files import atomic_write
+from storage.files import atomic_write, atomic_write_many
 
 
 class BlobStore:
@@ -32,6 +32,21 @@ class BlobStore:
             except OSError as exc:
                 raise StorageError(f"cannot write blob: {exc.strerror}") from exc
         return digest
+
+    def put_many(self, datas: list[bytes]) -> list[str]:
+        """:meth:`put` for several blobs, synced together (:func:`atomic_write_many`)."""
+        digests = [hashlib.sha256(data).hexdigest() for data in datas]
+        todo: dict[Path, bytes] = {}
+        for digest, data in zip(digests, datas, strict=True):
+            path = self.path(digest)
+            if path not in todo and not path.exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                todo[path] = data
+        try:
+            atomic_write_many(list(todo.items()), mode=0o600)
+        except OSError as exc:
+            raise StorageError(f"cannot write blob: {exc.strerror}") from exc
+        return digests
 
     def get(self, digest: str, *, verify: bool = True) -> bytes:
         try:

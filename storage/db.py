@@ -72,6 +72,11 @@ class Database:
         :meth:`transaction` take it themselves; *priority* is for the C-STORE path."""
         return nullcontext() if self.turn is None else self.turn.hold(priority=priority)
 
+    def receiving(self, within_seconds: float = 0.05) -> bool:
+        """Whether the SCP committed within the last *within_seconds* (SQLite: from the write
+        turn; PostgreSQL has no single writer to share, so never)."""
+        return self.turn is not None and self.turn.priority_writer_active(within_seconds)
+
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error."""
@@ -218,21 +223,25 @@ class Database:
         rows: Sequence[Mapping[str, Any]],
         *,
         key: str,
-        from_row: Sequence[str] = (),
+        update_from_row: Sequence[str] = (),
         update: Mapping[str, Any] | None = None,
     ) -> None:
-        """:meth:`upsert` of *rows* in one ``executemany``: on a conflict, nothing, or the
-        columns named in *from_row* set from the row being inserted (``excluded``) and the
-        values of *update*."""
+        """:meth:`upsert` of several *rows* in one ``executemany``.
+
+        On a conflict on *key* nothing happens, unless *update_from_row* names columns that
+        take the value of the row that was to be inserted (``excluded.<column>``) and/or
+        *update* gives columns fixed values.
+        """
         if not rows:
             return
         stmt = (postgresql if self.is_postgresql else sqlite).insert(table)
-        if from_row or update:
-            set_ = {name: stmt.excluded[name] for name in from_row}
-            set_.update(update or {})
-            conn.execute(stmt.on_conflict_do_update(index_elements=[key], set_=set_), rows)
+        set_ = {column: stmt.excluded[column] for column in update_from_row}
+        set_.update(update or {})
+        if set_:
+            stmt = stmt.on_conflict_do_update(index_elements=[key], set_=set_)
         else:
-            conn.execute(stmt.on_conflict_do_nothing(index_elements=[key]), rows)
+            stmt = stmt.on_conflict_do_nothing(index_elements=[key])
+        conn.execute(stmt, [dict(row) for row in rows])
 
     def table_names(self) -> list[str]:
         return inspect(self.engine).get_table_names()

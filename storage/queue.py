@@ -95,8 +95,14 @@ class JobQueue(ABC):
     def complete(self, job: Job) -> bool:
         """Mark the job done; ``False`` if the lease was lost."""
 
-    def complete_many(self, jobs: Sequence[Job]) -> list[bool]:
-        """:meth:`complete` each of *jobs* (the SQL queue: in one transaction)."""
+    def complete_many(
+        self, jobs: Sequence[Job], *, session: Session | Connection | None = None
+    ) -> list[bool]:
+        """:meth:`complete` each of *jobs* (the SQL queue: in one transaction, or in the
+        caller's with *session*, so that a handler's writes and its jobs' completion commit
+        together)."""
+        if session is not None:
+            raise NotImplementedError("only the SQL queue completes jobs in a transaction")
         return [self.complete(job) for job in jobs]
 
     @abstractmethod
@@ -288,30 +294,34 @@ class SqlQueue(JobQueue):
     def heartbeat(self, job: Job, lease_seconds: float) -> bool:
         return self._update(job, lease_expires_at=_now() + timedelta(seconds=lease_seconds))
 
-    def complete_many(self, jobs: Sequence[Job]) -> list[bool]:
+    def complete_many(
+        self, jobs: Sequence[Job], *, session: Session | Connection | None = None
+    ) -> list[bool]:
         if not jobs:
             return []
+        if session is None:
+            with self.db.transaction() as conn:
+                return self.complete_many(jobs, session=conn)
         # Tokens are unique per lease: matching on (id, token) pairs is matching on tokens.
         tokens = {job.lease_token for job in jobs if job.lease_token}
-        with self.db.transaction() as conn:
-            done = set(
-                conn.execute(
-                    update(JobRow)
-                    .where(
-                        JobRow.id.in_([job.id for job in jobs]),
-                        JobRow.state == JobState.LEASED.value,
-                        JobRow.lease_token.in_(list(tokens)),
-                    )
-                    .values(
-                        state=JobState.DONE.value,
-                        lease_token=None,
-                        lease_owner=None,
-                        lease_expires_at=None,
-                        updated_at=_now(),
-                    )
-                    .returning(JobRow.id)
-                ).scalars()
-            )
+        done = set(
+            session.execute(
+                update(JobRow)
+                .where(
+                    JobRow.id.in_([job.id for job in jobs]),
+                    JobRow.state == JobState.LEASED.value,
+                    JobRow.lease_token.in_(list(tokens)),
+                )
+                .values(
+                    state=JobState.DONE.value,
+                    lease_token=None,
+                    lease_owner=None,
+                    lease_expires_at=None,
+                    updated_at=_now(),
+                )
+                .returning(JobRow.id)
+            ).scalars()
+        )
         return [job.id in done for job in jobs]
 
     def complete(self, job: Job) -> bool:

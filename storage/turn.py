@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -33,6 +34,9 @@ from storage.errors import DatabaseUnavailable
 
 FIRST_POLL_SECONDS = 0.0005
 MAX_POLL_SECONDS = 0.004
+# The turn file's first 8 bytes: when a priority writer last released the turn
+# (CLOCK_MONOTONIC, the same clock in every process of the machine).
+_STAMP = struct.Struct("<d")
 
 
 def _set_nice(value: int) -> None:
@@ -127,6 +131,8 @@ class WriteTurn:
             finally:
                 self._local.depth = 0
                 try:
+                    if priority:  # page cache only: a hint for the workers, not a record
+                        os.pwrite(fd, _STAMP.pack(time.monotonic()), 0)
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 except OSError:  # closing the file releases the lock as well
                     self.close()
@@ -134,6 +140,18 @@ class WriteTurn:
                     _set_nice(restore)
         finally:
             self._mutex.release()
+
+    def priority_writer_active(self, within_seconds: float) -> bool:
+        """Whether a priority writer (the SCP) released the turn within the last
+        *within_seconds*: receive is under way."""
+        try:
+            data = os.pread(self._open(), _STAMP.size, 0)
+        except OSError:
+            return False
+        if len(data) < _STAMP.size:
+            return False
+        (stamp,) = _STAMP.unpack(data)
+        return bool(time.monotonic() - stamp < within_seconds)
 
     def _poll(self, fd: int, deadline: float) -> None:
         pause = FIRST_POLL_SECONDS

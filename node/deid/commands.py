@@ -3,7 +3,10 @@
 The output of a file is byte for byte what the ``deidentify`` job stores for the same instance
 (same engine, same configuration, same site key), written as
 ``OUT/<study key>/<series key>/<instance key>.dcm`` (keyed pseudonyms: no PHI in the paths).
-Instances the burned-in gate does not admit are listed with their reasons. With
+Every input gets an outcome (:class:`Outcome`): rejections are summarised by reason, ``-v``
+names each file with its outcome, ``--report FILE`` writes them all (CSV, or JSON for
+``.json``). Two inputs with one SOP Instance UID never overwrite each other's output: an
+identical copy is a ``duplicate``, a different one a ``collision`` (not written, exit 9). With
 ``--write-maps`` the command also writes ``uid_map.csv`` and ``patient_map.csv`` (original ->
 pseudonym): **these files hold PHI** and are written readable by the owner only.
 """

@@ -120,13 +120,13 @@ def store_many(
         conn, VaultStudy,
         [{"study_key": k, "ciphertext": seal(keys.vault, k, r.study_plaintext), "updated_at": now}
          for k, r in studies.items()],
-        key="study_key", from_row=["ciphertext"], update={"updated_at": now},
+        key="study_key", update_from_row=("ciphertext", "updated_at"),
     )
     db.upsert_many(
         conn, VaultInstance,
         [{"sop_key": r.sop_key, "study_key": r.study_key,
           "ciphertext": seal(keys.vault, r.sop_key, r.instance_plaintext)} for r in records],
-        key="sop_key", from_row=["ciphertext", "study_key"],
+        key="sop_key", update_from_row=("ciphertext", "study_key"),
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import logging
 import re
+import socket
 import time
 from dataclasses import dataclass
 from enum import IntEnum
@@ -18,7 +19,9 @@ from typing import Any
 from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import AddressInformation, AssociationSocket
 
 from node.dicom.configure import configure_pynetdicom
 from node.dicom.sockets import SCU_HANDLERS
@@ -58,10 +61,40 @@ def _rejection_reason(answers: list[Any]) -> str:
     return ""
 
 
+class _ClosingSocket(AssociationSocket):
+    """An association socket that is closed even when the connection was never made.
+
+    pynetdicom's ``_shutdown_socket`` calls ``shutdown()`` first; on a socket whose connect
+    failed (peer down) that raises, ``close()`` is skipped and the descriptor is left to the
+    garbage collector: one leaked descriptor per failed attempt of an export that retries.
+    """
+
+    def _shutdown_socket(self) -> None:
+        sock = self.socket
+        if sock is None:
+            return
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        sock.close()
+
+
+class _AE(AE):
+    """The node's requesting AE: its association sockets are always closed."""
+
+    def _create_socket(
+        self, assoc: Association, address: AddressInformation, tls_args: object
+    ) -> AssociationSocket:
+        sock = _ClosingSocket(assoc, address=address)
+        sock.tls_args = tls_args  # type: ignore[assignment]
+        return sock
+
+
 def echo(peer: PeerAddress, *, calling_ae: str, timeout: float = 10.0) -> float:
     """C-ECHO *peer*; return the round trip in seconds or raise :class:`NetworkError`."""
     configure_pynetdicom()
-    ae = AE(ae_title=calling_ae)
+    ae = _AE(ae_title=calling_ae)
     ae.add_requested_context(Verification)
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout
@@ -152,7 +185,7 @@ def store(
     ds = dcmread(io.BytesIO(part10))
     sop_class = str(ds.SOPClassUID)
     configure_pynetdicom()
-    ae = AE(ae_title=calling_ae)
+    ae = _AE(ae_title=calling_ae)
     ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.connection_timeout = timeout

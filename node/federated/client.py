@@ -120,6 +120,7 @@ class NodeClient(NumPyClient):
             epochs=rc.local_epochs,
             learning_rate=rc.learning_rate,
             seed=rc.seed,
+            anneal=False,
         )
         n = len(targets)
         metrics = {"train_loss": float(loss), "num_examples": n}

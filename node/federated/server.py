@@ -168,6 +168,16 @@ class RunSummary:
         }
 
 
+def _aggregate_metrics(metrics: list[tuple[int, dict[str, Scalar]]]) -> dict[str, Scalar]:
+    keys = sorted({k for _, m in metrics for k in m if k != "num_examples"})
+    out: dict[str, Scalar] = {}
+    for key in keys:
+        value = _weighted(metrics, key)
+        if value is not None:
+            out[key] = value
+    return out
+
+
 def _weighted(metrics: list[tuple[int, dict[str, Scalar]]], key: str) -> float | None:
     pairs = [(n, float(m[key])) for n, m in metrics if key in m]  # type: ignore[arg-type]
     total = sum(n for n, _ in pairs)
@@ -310,6 +320,8 @@ def build_strategy(
         on_fit_config_fn=fit_config,
         initial_parameters=ndarrays_to_parameters(initial),
         accept_failures=False,
+        fit_metrics_aggregation_fn=_aggregate_metrics,
+        evaluate_metrics_aggregation_fn=_aggregate_metrics,
     )
     dp = DifferentialPrivacyClientSideFixedClipping(
         fedavg,

@@ -196,7 +196,8 @@ class Prediction:
     key_id: str
     timings: dict[str, float]
     """Seconds per step: ``encode``, ``encrypt``, ``service`` (round trip), ``evaluate``
-    (the service's own), ``decrypt``, ``register`` (0 unless this call registered)."""
+    (the service's own; ``evaluate_cpu`` its CPU time), ``decrypt``, ``register`` (0 unless
+    this call registered)."""
     bytes_sent: int
     bytes_received: int
     registration_bytes: int
@@ -279,6 +280,7 @@ class EncryptedPredictor:
                         "encrypt": (t2 - t1) / n,
                         "service": service_seconds / n,
                         "evaluate": float(header.get("seconds", 0.0)) / n,
+                        "evaluate_cpu": float(header.get("cpu_seconds", 0.0)) / n,
                         "decrypt": decrypt_seconds / n,
                         "register": reg_seconds,
                     },

@@ -171,7 +171,7 @@ def sweep(
         tasks = load_tasks(ctx.settings)
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(seconds=ctx.settings.tasks.quiet_period_seconds)
-    with ctx.db.session() as session:
+    with ctx.db.read() as session:  # a read: no turn of SQLite's write lock
         candidates = session.execute(
             select(Study.study_key, Study.version)
             .where(Study.state == StudyState.RECEIVING.value, Study.last_received_at <= cutoff)

@@ -25,6 +25,7 @@ it after that.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -41,9 +42,11 @@ from node.deid import vault
 from node.deid.engine import Deidentifier, DeidResult
 from node.errors import MalformedDataset, RejectedInstance
 from node.jobs import (
+    COMPLETED,
     DeidentifyPayload,
     JobContext,
     JobKind,
+    Outcome,
     PermanentJobError,
     periodic,
     register,
@@ -54,6 +57,7 @@ from node.logs import short_key
 from storage.audit import AuditKind, record
 from storage.errors import StorageError
 from storage.models import AuditEvent, DeidInstance, Instance, Series, Study
+from storage.queue import SqlQueue
 from storage.records import InstanceState, Job, StudyState
 
 logger = logging.getLogger(__name__)
@@ -64,7 +68,7 @@ orphan spool items."""
 # A spool item no row names is an orphan once this old (see remove_orphan_spool).
 ORPHAN_AGE_SECONDS = 3600.0
 _IN_CHUNK = 500
-BATCH_JOBS = 32
+BATCH_JOBS = 64
 """Most ``deidentify`` jobs a worker leases and records in one go (see deidentify_batch)."""
 T = TypeVar("T")
 
@@ -106,9 +110,10 @@ def deidentify_job(job: Job, payload: DeidentifyPayload, ctx: JobContext) -> Non
 @register_batch(JobKind.DEIDENTIFY, max_jobs=BATCH_JOBS)
 def deidentify_batch(
     jobs: list[tuple[Job, DeidentifyPayload]], ctx: JobContext
-) -> list[BaseException | None]:
+) -> list[Outcome]:
     """Handle up to :data:`BATCH_JOBS` ``deidentify`` jobs: each instance is de-identified
-    and its blob stored as by :func:`deidentify_job`, then every instance of the batch is
+    as by :func:`deidentify_job`, the batch's blobs are stored with their syncs issued
+    together (:meth:`storage.blobs.BlobStore.put_many`), then every instance of the batch is
     recorded in **one** transaction (one turn of SQLite's write lock and one commit for the
     batch, instead of one per instance, while the SCP's commits wait for the same lock).
 
@@ -116,12 +121,12 @@ def deidentify_batch(
     instance is recorded in a transaction of its own, so that one bad row fails only its
     own job. Outcomes are per job, as :class:`node.jobs.BatchFunction` says.
     """
-    outcomes: list[BaseException | None] = [None] * len(jobs)
+    outcomes: list[Outcome] = [None] * len(jobs)
     ready: list[tuple[int, Job, _Prepared]] = []
     for i, (job, payload) in enumerate(jobs):
         try:
             item = _guarded(job, ctx, payload.instance_id,
-                            partial(_prepare, ctx, payload.instance_id))
+                            partial(_prepare, ctx, payload.instance_id, store_blob=False))
         except Exception as exc:
             outcomes[i] = exc
             continue
@@ -129,9 +134,20 @@ def deidentify_batch(
             ready.append((i, job, item))
     if not ready:
         return outcomes
-    try:
-        _commit(ctx, [item for _, _, item in ready])
+    try:  # the batch's blobs are synced together, not one fsync pair per instance
+        digests = ctx.blobs.put_many([item.result.data for _, _, item in ready])
+    except StorageError as exc:
+        for i, job, item in ready:
+            outcomes[i] = exc
+            _mark_failed_if_last(job, ctx, item.instance_id)
+        return outcomes
+    ready = [(i, job, dataclasses.replace(item, digest=digest))
+             for (i, job, item), digest in zip(ready, digests, strict=True)]
+    try:  # the jobs are completed in the transaction that records them
+        completed = _commit(ctx, [item for _, _, item in ready], [job for _, job, _ in ready])
         committed = ready
+        for (i, _, _), ok in zip(ready, completed, strict=True):
+            outcomes[i] = COMPLETED if ok else None
     except StorageError as exc:  # the database is unavailable: every job retries
         for i, job, item in ready:
             outcomes[i] = exc
@@ -186,8 +202,11 @@ class _Prepared:
     digest: str
 
 
-def _prepare(ctx: JobContext, instance_id: int) -> _Prepared | None:
-    """Steps 1-4 (no write transaction); ``None`` when nothing is left to record."""
+def _prepare(
+    ctx: JobContext, instance_id: int, *, store_blob: bool = True
+) -> _Prepared | None:
+    """Steps 1-4 (no write transaction); ``None`` when nothing is left to record. Without
+    *store_blob* the caller stores the blob (``digest`` is empty until then)."""
     with ctx.db.read() as conn:
         row = conn.execute(
             select(
@@ -229,14 +248,20 @@ def _prepare(ctx: JobContext, instance_id: int) -> _Prepared | None:
         raise PermanentJobError(
             f"instance {instance_id}: the dataset's UIDs differ from those it was received under"
         )
-    digest = ctx.blobs.put(result.data)
+    digest = ctx.blobs.put(result.data) if store_blob else ""
     return _Prepared(instance_id, study_key, series_key, spool_name, result, digest)
 
 
-def _commit(ctx: JobContext, items: list[_Prepared]) -> None:
-    """Step 5 for every item, in one transaction."""
+def _commit(
+    ctx: JobContext, items: list[_Prepared], jobs: list[Job] | None = None
+) -> list[bool]:
+    """Step 5 for every item, in one transaction; with *jobs* (a batch's, from the SQL
+    queue), the jobs are completed in it too (returns which ones were still leased)."""
     with ctx.db.transaction() as conn:
         _record_batch(conn, ctx, items)
+        if jobs and isinstance(ctx.queue, SqlQueue):
+            return ctx.queue.complete_many(jobs, session=conn)
+    return [False] * len(jobs or ())
 
 
 def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> None:
@@ -244,14 +269,13 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
     ``executemany``: the write lock is held for the statements, not for an ORM unit of work
     per instance (on SQLite, every millisecond held here is one the SCP's commit may wait)."""
     now = datetime.now(UTC)
-    db = ctx.db
     firsts: dict[str, _Prepared] = {}
     series_firsts: dict[str, _Prepared] = {}
     for item in items:
         firsts.setdefault(item.study_key, item)
         series_firsts.setdefault(item.series_key, item)
 
-    db.upsert_many(
+    ctx.db.upsert_many(
         conn,
         Study,
         [
@@ -296,7 +320,7 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             "view_position": (result.view_position or "")[:16] or None,
         }
 
-    db.upsert_many(
+    ctx.db.upsert_many(
         conn,
         Series,
         [{"series_key": key, "study_key": item.study_key, **_facts(item.result)}
@@ -315,7 +339,7 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
         if missing:
             conn.execute(update(Series).where(Series.series_key == key).values(**missing))
 
-    db.upsert_many(
+    ctx.db.upsert_many(
         conn,
         DeidInstance,
         [
@@ -331,7 +355,7 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             for item in items
         ],
         key="sop_key",
-        from_row=["blob_digest", "size_bytes"],
+        update_from_row=("blob_digest", "size_bytes"),
     )
     vault.store_many(
         ctx.db,

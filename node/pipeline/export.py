@@ -33,9 +33,11 @@ from datetime import UTC, datetime
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
+from node.audit import audit
 from node.config import Settings
 from node.errors import ConfigError, NetworkError, NodeError
 from node.jobs import ExportPayload, JobContext, JobKind, PermanentJobError, enqueue, register
+from storage.audit import AuditKind
 from storage.errors import IntegrityError, StorageError
 from storage.models import JobRow, Report, ReportExport
 from storage.outbox import Outbox
@@ -250,6 +252,11 @@ def export_one(ctx: JobContext, report_id: int, destination: str, *, attempt: in
     except ContextRefused as exc:
         message = f"{exc}; try [export] sr_format = \"enhanced\" if the PACS stores Enhanced SR"
         _record(ctx, delivery_id, ExportState.DEAD, error=message)
+        audit(
+            ctx.db, ctx.settings.data_dir, AuditKind.REPORT_EXPORTED, outcome="failure",
+            actor=dest.calling_ae, report_id=report_id, destination=destination,
+            peer_ae=dest.ae_title, error="no presentation context for the SR class",
+        )
         raise PermanentJobError(message) from exc
     except (NetworkError, StoreRefused) as exc:
         status = exc.status if isinstance(exc, StoreRefused) else None
@@ -267,6 +274,11 @@ def export_one(ctx: JobContext, report_id: int, destination: str, *, attempt: in
         )
         raise ExportFailed(str(exc)) from exc
     _record(ctx, delivery_id, ExportState.SENT, status=outcome.status)
+    audit(
+        ctx.db, ctx.settings.data_dir, AuditKind.REPORT_EXPORTED, actor=dest.calling_ae,
+        report_id=report_id, destination=destination, peer_ae=dest.ae_title,
+        status=outcome.status, attempt=attempt,
+    )
     logger.info(
         "report %d sent to %s (%s) in %.3f s, status 0x%04X",
         report_id, destination, dest.label, outcome.seconds, outcome.status,

@@ -2,8 +2,8 @@
 
 ``prepare_task_input`` (the study's accepted instances, preprocessed) → encrypt under the
 node's current CKKS key for the task → the inference service evaluates → decrypt → sigmoid →
-``decide`` → one :class:`storage.models.Result` row, and a ``report`` job for it, in one
-transaction. A superseded study version completes without work. The handler is idempotent:
+``decide`` → one :class:`storage.models.Result` row (the report stage's sweep queues its
+``report`` job). A superseded study version completes without work. The handler is idempotent:
 an existing result for the same study version ends the job; two workers racing on one study
 version leave one row (the unique constraint).
 
@@ -28,8 +28,6 @@ from node.jobs import (
     JobContext,
     JobKind,
     PermanentJobError,
-    ReportPayload,
-    enqueue,
     register,
 )
 from node.logs import short_key
@@ -137,13 +135,6 @@ def handle_infer(job: Job, payload: InferPayload, ctx: JobContext) -> None:
                 bytes_received=pred.bytes_received,
             )
             session.add(row)
-            session.flush()
-            enqueue(
-                ctx.queue,
-                ReportPayload(result_id=row.id),
-                dedupe_key=f"report:{row.id}",
-                session=session,
-            )
     except IntegrityError:
         logger.info("study %s: %s result written by another worker", short_key(payload.study_key),
                     payload.task)

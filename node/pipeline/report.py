@@ -63,10 +63,12 @@ from node.report.builder import (
     encode_report,
     evidence_image,
     report_uid,
+    warm_up,
 )
 from node.report.codes import SR_FORMATS
 from node.tasks.studies import StudyDataError, instances_of, read_header, safe_accepts
 from plugins.base import TaskPlugin
+from storage.audit import AuditKind, record
 from storage.errors import StorageError
 from storage.models import JobRow, Report, ReportExport, Result, Study
 from storage.records import ExportState, Job, ReportState
@@ -166,6 +168,7 @@ def build_for_result(
         study_key, task, version = result.study_key, result.task, result.study_version
         probability, superseded = result.probability, result.superseded
         model_id, model_version = result.model_id, result.model_version
+        key_id = result.key_id
         previous = session.execute(
             select(Report.study_version, Report.sop_class_uid)
             .where(
@@ -202,7 +205,6 @@ def build_for_result(
     decided = plugin.decide(probability)
     threshold = plugin.positive_class.threshold
     assert threshold is not None
-    he = plugin.he_encoding
     finding = ReportFinding(
         task=plugin.name,
         task_version=plugin.version,
@@ -212,11 +214,8 @@ def build_for_result(
         threshold=threshold,
         model_id=model_id or "unknown",
         model_version=model_version,
-        encryption=he.scheme,
-        encryption_parameters=(
-            f"TenSEAL, poly_modulus_degree={he.poly_modulus_degree}, "
-            f"scale=2^{he.global_scale_bits}"
-        ),
+        encryption=plugin.he_encoding.scheme,
+        encryption_parameters="TenSEAL" + (f", node key {key_id}" if key_id else ""),
     )
     site = ctx.keys.site
     series_uid = sr_series_uid(site, study_key, task)
@@ -281,6 +280,11 @@ def build_for_result(
                 .values(state=ReportState.SUPERSEDED.value)
             )
             queue_exports(ctx, session, report_id, names)
+            record(
+                session, AuditKind.REPORT_CREATED, actor=settings.node.ae_title,
+                report_id=report_id, study_key=study_key, task=task, study_version=version,
+                destinations=names,
+            )
     except SqlIntegrityError:
         # Another worker recorded the report first (same result): its row stands.
         with ctx.db.session() as session:
@@ -416,7 +420,9 @@ def report_periodic(ctx: JobContext) -> None:
     """The worker's periodic hook: :func:`report_sweep` at most every ``sweep_seconds``."""
     now = time.monotonic()
     last = _last_sweep.get(id(ctx))
-    if last is not None and now - last < ctx.settings.export.sweep_seconds:
+    if last is None:
+        warm_up()  # the first SR of this process would otherwise load highdicom's tables
+    elif now - last < ctx.settings.export.sweep_seconds:
         return
     _last_sweep[id(ctx)] = now
     report_sweep(ctx)

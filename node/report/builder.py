@@ -33,6 +33,7 @@ import copy
 import hashlib
 import hmac
 import io
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -207,6 +208,29 @@ def _library_entry(image: Dataset) -> Dataset | None:
     return entry
 
 
+def warm_up() -> None:
+    """Import highdicom and load its IOD tables (about 1.5 s, once per process).
+
+    The first SR a process builds otherwise pays for it; the report stage calls this when its
+    worker starts, before a result is waiting. Uses an invented image header, no PHI.
+    """
+    from highdicom.sr import ImageLibraryEntryDescriptors
+
+    _quiet_highdicom()
+    image = Dataset()
+    image.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture Image Storage
+    image.SOPInstanceUID = "2.25.1"
+    image.Modality = "OT"
+    image.Rows = image.Columns = 1
+    ImageLibraryEntryDescriptors(image)
+
+
+def _quiet_highdicom() -> None:
+    """Silence highdicom's logger: it logs the evidence's SOP Instance UIDs (here: original,
+    identifying UIDs) at INFO level. Problems still surface as exceptions."""
+    logging.getLogger("highdicom").setLevel(logging.CRITICAL + 1)
+
+
 def _concept(concept: CodedConcept) -> HdCodedConcept:
     from highdicom.sr import CodedConcept as HdConcept
 
@@ -265,6 +289,7 @@ def build_report(
     )
     from pydicom.sr.codedict import codes as dcm_codes
 
+    _quiet_highdicom()
     if not images:
         raise ReportError("a report needs at least one evidence image")
     sr_class: Any

@@ -246,8 +246,9 @@ def train(
     if not local:
         raise UsageError(
             "pass --local to train on this node's labelled data alone; federated training "
-            "is not started with `train`: enrol the node and take part in a federation's rounds "
-            "with `fednode federation` (see `fednode federation --help`)"
+            "is not started with `train`: enrol the node (`fednode federation enroll`), approve "
+            "the coordinator's app (`fednode federation approve`) and run the SuperNode "
+            "(`fednode federation join`); see `fednode federation --help`"
         )
     from node.runtime import open_context
     from node.tasks import get_task

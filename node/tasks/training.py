@@ -123,6 +123,7 @@ def fit_round(
     epochs: int,
     learning_rate: float,
     seed: int,
+    anneal: bool = True,
     progress: Progress | None = None,
 ) -> float:
     """Train *model* in place for *epochs* epochs with a schedule of its own.
@@ -130,8 +131,8 @@ def fit_round(
     One call is one unit of training: a fresh Adam optimiser starting at *learning_rate*,
     annealed by a cosine schedule over these *epochs*, and a shuffling generator seeded with
     *seed*. Local training is one call over all its epochs; a federated round is one call over
-    the round's local epochs (the coordinator chooses the round's learning rate, so the
-    schedule across rounds is the coordinator's).
+    the round's local epochs at the round's learning rate, held constant (``anneal=False``):
+    the coordinator's schedule across rounds does the annealing.
 
     Returns
     -------
@@ -142,7 +143,11 @@ def fit_round(
     optimiser = torch.optim.Adam(
         model.parameters(), lr=learning_rate, weight_decay=options.weight_decay
     )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs))
+    scheduler = (
+        torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(1, epochs))
+        if anneal
+        else None
+    )
     smooth = options.label_smoothing
     soft_targets = targets * (1.0 - smooth) + 0.5 * smooth
     margin = plugin.he_encoding.output_bound / 2.0
@@ -168,7 +173,8 @@ def fit_round(
             done += 1
             if progress is not None:
                 progress("training", done, total)
-        scheduler.step()
+        if scheduler is not None:
+            scheduler.step()
         epoch_loss = running / n if n else math.nan
         logger.debug("epoch %d/%d: loss %.4f", epoch + 1, epochs, epoch_loss)
     return epoch_loss

@@ -38,5 +38,7 @@ def test_unit_runs_serve_with_a_config_check_first_and_stops_with_sigterm() -> N
     assert lines["KillSignal"] == "SIGTERM" and lines["User"] == "fednode"
     assert "FLWR_TELEMETRY_ENABLED=0" in lines["Environment"] or \
         "FLWR_TELEMETRY_ENABLED=0" in text
+    # Workers may return to nice 0 while they hold the write turn (storage/turn.py).
+    assert lines["LimitNICE"] == "+0"
     # The stop timeout leaves room for the node's own grace period (30 s by default).
     assert int(lines["TimeoutStopSec"]) > 30

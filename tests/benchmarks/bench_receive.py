@@ -22,8 +22,19 @@ each sending a quarter), to, in the same run:
   into the spool with fsync, one SQLite transaction with the instance row and its job,
   then 0x0000). After every run the benchmark checks that every instance is in the
   ``instances`` table with exactly one ``deidentify`` job, and its file in the spool;
-- ``fednode+workers`` (only with ``--with-workers``): the same with ``--workers`` (default 2)
-  worker processes running (they lease the ``deidentify`` jobs as they come);
+- ``fednode-init``: the node as ``fednode init`` configures it, workers on (``serve`` without
+  ``--workers``: lanes ``ingest`` 2 and ``results`` 1, workers at ``workers.nice`` 10). Besides
+  the receive rate the benchmark measures its end-to-end time: seconds from the first
+  ``storescu`` start to the last instance de-identified (the newest ``updated_at`` of the
+  ``instances`` rows once every one is ``deidentified`` and has its ``deid_instances`` row),
+  printed with its ratio to the no-worker row's reception time (``e2e/rx0``);
+- ``fednode-init-pg`` (opt-in): the same on PostgreSQL (``$FEDNODE_BENCH_PG``, default
+  ``postgresql://postgres@127.0.0.1:5432/test``), a fresh schema per run (dropped after it),
+  migrated with ``fednode db upgrade``;
+- ``fednode+workers`` (only with ``--with-workers``): ``serve --workers N`` (default 2: N
+  processes in every lane);
+- ``orthanc`` (opt-in): Debian's Orthanc (``apt-get install orthanc``) with its defaults but for
+  ports and folders (SQLite index, ``SyncStorageArea`` true: each file synced);
 - ``dcmtk``: DCMTK ``/usr/bin/storescp --fork`` writing files to a temporary folder (default
   options otherwise: 16 KiB max PDU, no fsync: not durable);
 - ``pynetdicom``: pynetdicom's bundled app, ``python -m pynetdicom storescp PORT -od DIR``
@@ -42,8 +53,12 @@ cell go round-robin over the peers, and before each run the benchmark waits (up 
 ``--wait-quiet`` s) for other processes to leave the CPU, so that a busy spell of a shared
 machine hits every peer alike. Whole run: about 3 minutes with the defaults on 2 cores.
 
+The 1-minute load average before each run is printed beside it and in the table (the
+machine is shared: compare rows of one run only).
+
 Options (``--help``): ``--repeat N`` (default 3), ``--corpora ct,dx,tiny``,
-``--assocs 1,4``, ``--peers fednode,dcmtk,pynetdicom``, ``--with-workers``, ``--corpus DIR``,
+``--assocs 1,4``, ``--peers fednode,fednode-init,dcmtk,pynetdicom`` (also
+``fednode-init-pg``, ``orthanc``), ``--with-workers``, ``--corpus DIR``,
 ``--fednode-env KEY=VALUE`` (extra ``FEDNODE_*`` settings for the node, repeatable, e.g.
 ``FEDNODE_DICOM__PROCESSES=1``), ``--baseline SRC`` (a row for the fednode of another source
 tree, e.g. ``git archive <commit> | tar -x -C SRC``, for before/after figures in one run),
@@ -55,6 +70,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -66,6 +82,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,6 +107,8 @@ CORPORA: dict[str, tuple[str, int, int]] = {
     "tiny": ("ct", 1000, 64),
 }
 CORPUS_VERSION = 1
+PG_ADMIN = os.environ.get("FEDNODE_BENCH_PG", "postgresql://postgres@127.0.0.1:5432/test")
+E2E_TIMEOUT = 600.0
 
 
 # -- corpus ---------------------------------------------------------------------------------
@@ -165,6 +184,10 @@ class Peer:
     label: str
     start: Callable[[Path, int], subprocess.Popen[bytes]]
     verify: Callable[[Path, int], str | None]  # returns an error text, or None
+    # With workers: wait until every instance is de-identified; return the wall-clock time
+    # (time.time()) of the last de-identification.
+    finish: Callable[[Path, int], float] | None = None
+    cleanup: Callable[[Path], None] | None = None
 
 
 def _popen(cmd: list[str], run_dir: Path, env: dict[str, str] | None = None,
@@ -174,9 +197,48 @@ def _popen(cmd: list[str], run_dir: Path, env: dict[str, str] | None = None,
                             cwd=cwd or run_dir, start_new_session=True)
 
 
-def fednode_peer(workers: int, extra_env: dict[str, str], src: Path | None = None) -> Peer:
-    """``fednode serve``; with *src*, the node of that source tree (for before/after rows)."""
+class _NodeDb:
+    """Reads the benchmark node's database: its SQLite file, or its PostgreSQL schema."""
+
+    def __init__(self, run_dir: Path, schema: str | None) -> None:
+        self.run_dir, self.schema = run_dir, schema
+
+    def query(self, sql: str) -> list[tuple[object, ...]]:
+        if self.schema is None:
+            db = self.run_dir / "fednode-data" / "fednode.db"
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            try:
+                return list(con.execute(sql).fetchall())
+            finally:
+                con.close()
+        import psycopg
+
+        with psycopg.connect(PG_ADMIN, autocommit=True,
+                             options=f"-csearch_path={self.schema}") as con:
+            return list(con.execute(sql).fetchall())  # type: ignore[arg-type]
+
+
+def _as_epoch(value: object) -> float:
+    if isinstance(value, datetime):
+        stamp = value
+    else:  # SQLite keeps UTC timestamps as naive ISO text
+        stamp = datetime.fromisoformat(str(value))
+    if stamp.tzinfo is None:
+        stamp = stamp.replace(tzinfo=UTC)
+    return stamp.timestamp()
+
+
+def fednode_peer(workers: int | None, extra_env: dict[str, str], src: Path | None = None,
+                 *, postgres: bool = False) -> Peer:
+    """``fednode serve``; *workers* None = as ``fednode init`` configures it (no --workers:
+    the lanes of the config, ingest 2 + results 1), a number = ``--workers N`` (every lane);
+    with *postgres*, on a fresh schema of the PostgreSQL database; with *src*, the node of
+    that source tree (for before/after rows)."""
     base = [sys.executable, "-m", "node.cli"] if src else ["fednode"]
+    schemas: dict[Path, str] = {}
+
+    def db_of(run_dir: Path) -> _NodeDb:
+        return _NodeDb(run_dir, schemas.get(run_dir))
 
     def start(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
         env = dict(os.environ)
@@ -189,21 +251,29 @@ def fednode_peer(workers: int, extra_env: dict[str, str], src: Path | None = Non
             cwd=run_dir,  # `python -m` puts the cwd first on sys.path: not this checkout
         )
         env.update({"FEDNODE_DICOM__HOST": "127.0.0.1", "FEDNODE_LOGGING__LEVEL": "WARNING"})
+        if postgres:
+            import psycopg
+
+            schema = f"fednode_bench_{secrets.token_hex(6)}"
+            with psycopg.connect(PG_ADMIN, autocommit=True) as con:
+                con.execute(f'CREATE SCHEMA "{schema}"')
+            schemas[run_dir] = schema
+            url = PG_ADMIN.replace("postgresql://", "postgresql+psycopg://", 1)
+            env["FEDNODE_DATABASE__URL"] = f"{url}?options=-csearch_path%3D{schema}"
+            subprocess.run([*base, "db", "upgrade", "-c", str(run_dir / "fednode.toml")],
+                           check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=env)
         env.update(extra_env)
-        return _popen([*base, "serve", "-c", str(run_dir / "fednode.toml"),
-                       "--workers", str(workers)], run_dir, env)
+        flags = [] if workers is None else ["--workers", str(workers)]
+        return _popen([*base, "serve", "-c", str(run_dir / "fednode.toml"), *flags],
+                      run_dir, env)
 
     def verify(run_dir: Path, expected: int) -> str | None:
-        db = run_dir / "fednode-data" / "fednode.db"
-        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
-        try:
-            (instances,) = con.execute("SELECT count(*) FROM instances").fetchone()
-            (jobs,) = con.execute(
-                "SELECT count(*) FROM jobs WHERE kind = 'deidentify'").fetchone()
-            names = [r[0] for r in con.execute(
-                "SELECT spool_name FROM instances WHERE state = 'received'")]
-        finally:
-            con.close()
+        db = db_of(run_dir)
+        [(instances,)] = db.query("SELECT count(*) FROM instances")
+        [(jobs,)] = db.query("SELECT count(*) FROM jobs WHERE kind = 'deidentify'")
+        names = [str(r[0]) for r in
+                 db.query("SELECT spool_name FROM instances WHERE state = 'received'")]
         spool_dir = run_dir / "fednode-data" / "spool"
         spool = Spool(spool_dir, bytes(32))  # reads record headers only: no key needed
         # With workers running, de-identified instances have left the spool (and state).
@@ -217,11 +287,43 @@ def fednode_peer(workers: int, extra_env: dict[str, str], src: Path | None = Non
                     f"{len(missing)} spool records missing; expected {expected}")
         return None
 
-    key = "fednode" if workers == 0 else "fednode+workers"
-    label = f"fednode (workers={workers})"
+    def finish(run_dir: Path, expected: int) -> float:
+        db = db_of(run_dir)
+        deadline = time.monotonic() + E2E_TIMEOUT
+        while True:
+            [(done, last)] = db.query(
+                "SELECT count(*), max(updated_at) FROM instances WHERE state = 'deidentified'")
+            if int(str(done)) >= expected:
+                [(deid,)] = db.query("SELECT count(*) FROM deid_instances")
+                if int(str(deid)) != expected:
+                    raise RuntimeError(f"{deid} de-identified instances, expected {expected}")
+                return _as_epoch(last)
+            [(bad,)] = db.query(
+                "SELECT count(*) FROM instances WHERE state IN ('failed', 'rejected')")
+            if int(str(bad)) or time.monotonic() > deadline:
+                raise RuntimeError(f"only {done}/{expected} instances de-identified "
+                                   f"({bad} failed or rejected; run folder {run_dir})")
+            time.sleep(0.05)
+
+    def cleanup(run_dir: Path) -> None:
+        schema = schemas.pop(run_dir, None)
+        if schema is not None:
+            import psycopg
+
+            with psycopg.connect(PG_ADMIN, autocommit=True) as con:
+                con.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+    if workers is None:
+        key, label = "fednode-init", "fednode as initialised"
+    elif workers == 0:
+        key, label = "fednode", "fednode (workers=0)"
+    else:
+        key, label = "fednode+workers", f"fednode (--workers {workers})"
+    if postgres:
+        key, label = f"{key}-pg", f"{label}, PostgreSQL"
     if src:
-        key, label = f"{key}@base", f"{label[:-1]}, {src.name})"
-    return Peer(key, label, start, verify)
+        key, label = f"{key}@base", f"{label} ({src.name})"
+    return Peer(key, label, start, verify, finish if workers != 0 else None, cleanup)
 
 
 def _count_files(folder: Path) -> int:
@@ -240,6 +342,38 @@ def dcmtk_peer() -> Peer:
         return None if n == expected else f"DCMTK storescp wrote {n} files, expected {expected}"
 
     return Peer("dcmtk", "DCMTK storescp --fork", start, verify)
+
+
+ORTHANC = "/usr/sbin/Orthanc"
+
+
+def orthanc_peer() -> Peer:
+    """Orthanc (Debian's ``orthanc`` package) with its defaults but for the ports and folders:
+    SQLite index, files in its storage area, synced (``SyncStorageArea`` true)."""
+    http_ports: dict[Path, int] = {}
+
+    def start(run_dir: Path, port: int) -> subprocess.Popen[bytes]:
+        http_ports[run_dir] = free_port()
+        config = {
+            "Name": "bench", "DicomAet": CALLED_AE, "DicomPort": port,
+            "HttpPort": http_ports[run_dir], "RemoteAccessAllowed": False,
+            "StorageDirectory": str(run_dir / "storage"),
+            "IndexDirectory": str(run_dir / "index"), "SyncStorageArea": True,
+            "DicomCheckCalledAet": False, "DicomAlwaysAllowStore": True,
+            "DicomAlwaysAllowEcho": True, "Plugins": [],
+        }
+        (run_dir / "orthanc.json").write_text(json.dumps(config))
+        return _popen([ORTHANC, str(run_dir / "orthanc.json")], run_dir, DCMTK_ENV)
+
+    def verify(run_dir: Path, expected: int) -> str | None:
+        import urllib.request
+
+        url = f"http://127.0.0.1:{http_ports[run_dir]}/statistics"
+        with urllib.request.urlopen(url, timeout=30) as response:
+            n = int(json.load(response)["CountInstances"])
+        return None if n == expected else f"Orthanc kept {n} instances, expected {expected}"
+
+    return Peer("orthanc", "Orthanc (SyncStorageArea)", start, verify)
 
 
 def pynetdicom_peer() -> Peer:
@@ -283,14 +417,16 @@ def wait_quiet(limit: float, threshold: float = 0.2) -> None:
 
 
 # -- one measurement ------------------------------------------------------------------------
-def send(folder: Path, port: int, assocs: int, run_dir: Path) -> float:
-    """Send the corpus in *folder* with *assocs* storescu processes; return seconds."""
+def send(folder: Path, port: int, assocs: int, run_dir: Path) -> tuple[float, float]:
+    """Send the corpus in *folder* with *assocs* storescu processes; return (the wall-clock
+    time the first storescu was started, seconds until the last one exited)."""
     if assocs == 1:
         groups = [[folder]]
     else:
         quarters = sorted(p for p in folder.iterdir() if p.is_dir())
         groups = [quarters[i::assocs] for i in range(assocs)]
     procs = []
+    wall0 = time.time()
     t0 = time.perf_counter()
     for i, group in enumerate(groups):
         log = open(run_dir / f"storescu-{i}.log", "wb")
@@ -305,7 +441,7 @@ def send(folder: Path, port: int, assocs: int, run_dir: Path) -> float:
     failed = [p.returncode for p, _ in procs if p.returncode]
     if failed:
         raise RuntimeError(f"storescu exited with {failed}; see {run_dir}/storescu-*.log")
-    return elapsed
+    return wall0, elapsed
 
 
 @dataclass
@@ -317,10 +453,18 @@ class Result:
     count: int
     nbytes: int
     seconds: list[float] = field(default_factory=list)
+    e2e: list[float] = field(default_factory=list)
+    """Seconds from the first storescu start to the last instance de-identified."""
+    load: list[float] = field(default_factory=list)
+    """The 1-minute load average before each run."""
 
     @property
     def median(self) -> float:
         return statistics.median(self.seconds)
+
+    @property
+    def e2e_median(self) -> float | None:
+        return statistics.median(self.e2e) if self.e2e else None
 
     @property
     def rate(self) -> float:
@@ -332,22 +476,28 @@ class Result:
 
 
 def measure_once(peer: Peer, folder: Path, count: int, assocs: int, work: Path,
-                 keep: bool, tag: str) -> float:
-    """One run: a fresh receiver, the corpus sent, every instance checked; seconds."""
+                 keep: bool, tag: str) -> tuple[float, float | None]:
+    """One run: a fresh receiver, the corpus sent, every instance checked; seconds, and with
+    workers the end-to-end seconds (first storescu start to last instance de-identified)."""
     run_dir = Path(tempfile.mkdtemp(prefix=f"{peer.key}-{tag}-", dir=work))
     port = free_port()
     proc = peer.start(run_dir, port)
+    e2e = None
     try:
         wait_echo(port, proc)
-        seconds = send(folder, port, assocs, run_dir)
+        wall0, seconds = send(folder, port, assocs, run_dir)
         error = peer.verify(run_dir, count)
         if error:
             raise RuntimeError(f"{error} (run folder {run_dir})")
+        if peer.finish is not None:
+            e2e = peer.finish(run_dir, count) - wall0
     finally:
         stop(proc)
+        if peer.cleanup is not None:
+            peer.cleanup(run_dir)
     if not keep:
         shutil.rmtree(run_dir, ignore_errors=True)
-    return seconds
+    return seconds, e2e
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -359,25 +509,41 @@ def _paired(r: Result, ref: Result) -> float:
 
 
 def table(results: list[Result], peers: list[Peer]) -> str:
+    """Rates, fednode's ratio to the no-worker row and to every other peer (plain and
+    paired), and for the rows with workers the end-to-end seconds (first byte sent to last
+    instance de-identified) beside the no-worker row's reception time."""
     others = [p for p in peers if not p.key.startswith("fednode")]
     w = max(26, *(len(p.label) for p in peers))
     head = f"{'corpus':<6} {'assoc':>5}  {'peer':<{w}} {'inst/s':>8} {'MB/s':>8}"
+    head += f"  {'vs workers=0':>12} {'paired':>7}"
     head += "".join(f"  {'vs ' + p.key:>14} {'paired':>7}" for p in others)
+    head += f"  {'e2e s':>7} {'e2e/rx0':>7}  {'load1':>5}"
     lines = [head, "-" * len(head)]
     by = {(r.peer, r.corpus, r.assocs): r for r in results}
     keys = sorted({(r.corpus, r.assocs) for r in results},
                   key=lambda k: (list(CORPORA).index(k[0]), k[1]))
     for corpus, assocs in keys:
+        base = by.get(("fednode", corpus, assocs))
         for p in peers:
             r = by.get((p.key, corpus, assocs))
             if r is None:
                 continue
             line = f"{corpus:<6} {assocs:>5}  {p.label:<{w}} {r.rate:8.1f} {r.mbps:8.1f}"
-            if p.key.startswith("fednode"):
-                for o in others:
-                    ref = by.get((o.key, corpus, assocs))
-                    line += (f"  {r.rate / ref.rate:>13.2f}x {_paired(r, ref):>6.2f}x" if ref
-                             else f"  {'':>14} {'':>7}")
+            if p.key.startswith("fednode") and base is not None and r is not base:
+                line += f"  {r.rate / base.rate:>11.2f}x {_paired(r, base):>6.2f}x"
+            else:
+                line += f"  {'':>12} {'':>7}"
+            for o in others:
+                ref = by.get((o.key, corpus, assocs))
+                line += (f"  {r.rate / ref.rate:>13.2f}x {_paired(r, ref):>6.2f}x"
+                         if ref and p.key.startswith("fednode") else f"  {'':>14} {'':>7}")
+            e2e = r.e2e_median
+            if e2e is not None:
+                ratio = f"{e2e / base.median:>6.2f}x" if base is not None else f"{'':>7}"
+                line += f"  {e2e:7.2f} {ratio}"
+            else:
+                line += f"  {'':>7} {'':>7}"
+            line += f"  {statistics.median(r.load):5.1f}" if r.load else ""
             lines.append(line)
         lines.append("")
     return "\n".join(lines)
@@ -391,10 +557,15 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="runs per cell; median (default 3)")
     ap.add_argument("--corpora", default="ct,dx,tiny")
     ap.add_argument("--assocs", default="1,4")
-    ap.add_argument("--peers", default="fednode,dcmtk,pynetdicom")
+    ap.add_argument("--peers", default="fednode,fednode-init,dcmtk,pynetdicom",
+                    help="rows: fednode (workers=0), fednode-init (as `fednode init` "
+                         "configures it: workers on), fednode-init-pg (the same on "
+                         "PostgreSQL, $FEDNODE_BENCH_PG, a fresh schema per run), dcmtk, "
+                         "pynetdicom, orthanc (Debian's package; "
+                         "default: fednode,fednode-init,dcmtk,pynetdicom)")
     ap.add_argument("--with-workers", action="store_true",
-                    help="add a fednode row with the default worker processes running")
-    ap.add_argument("--workers", type=int, default=2, help="worker count for --with-workers")
+                    help="add a fednode row with `serve --workers N` (N in every lane)")
+    ap.add_argument("--workers", type=int, default=2, help="N for --with-workers")
     ap.add_argument("--fednode-env", action="append", default=[], metavar="KEY=VALUE",
                     help="extra FEDNODE_* environment for fednode serve (repeatable)")
     ap.add_argument("--wait-quiet", type=float, default=15.0, metavar="SECONDS",
@@ -418,12 +589,23 @@ def main() -> int:
         peers.append(fednode_peer(0, extra_env))
         if args.baseline:
             peers.append(fednode_peer(0, extra_env, args.baseline.resolve()))
-        if args.with_workers:
-            peers.append(fednode_peer(args.workers, extra_env))
+    if "fednode-init" in wanted:
+        peers.append(fednode_peer(None, extra_env))
+        if args.baseline:
+            peers.append(fednode_peer(None, extra_env, args.baseline.resolve()))
+    if "fednode" in wanted and args.with_workers:
+        peers.append(fednode_peer(args.workers, extra_env))
+    if "fednode-init-pg" in wanted:
+        peers.append(fednode_peer(None, extra_env, postgres=True))
     if "dcmtk" in wanted:
         peers.append(dcmtk_peer())
     if "pynetdicom" in wanted:
         peers.append(pynetdicom_peer())
+    if "orthanc" in wanted:
+        if not Path(ORTHANC).exists():
+            print(f"{ORTHANC} is missing: apt-get install orthanc", file=sys.stderr)
+            return 2
+        peers.append(orthanc_peer())
 
     args.corpus.mkdir(parents=True, exist_ok=True)
     corpora = {c: ensure_corpus(args.corpus, c) for c in args.corpora.split(",")}
@@ -443,11 +625,17 @@ def main() -> int:
                     for peer in peers:
                         if args.wait_quiet:
                             wait_quiet(args.wait_quiet)
-                        seconds = measure_once(peer, folder, count, assocs, work, args.keep,
-                                               f"{name}-{assocs}-{r}")
+                        load = os.getloadavg()[0]
+                        seconds, e2e = measure_once(peer, folder, count, assocs, work,
+                                                    args.keep, f"{name}-{assocs}-{r}")
                         cell[peer.key].seconds.append(seconds)
-                        print(f"  {peer.label:<36} {name:<5} {assocs} assoc  run {r + 1}/"
-                              f"{args.repeat}: {count / seconds:8.1f} inst/s", flush=True)
+                        cell[peer.key].load.append(load)
+                        if e2e is not None:
+                            cell[peer.key].e2e.append(e2e)
+                        done = f", end to end {e2e:6.2f} s" if e2e is not None else ""
+                        print(f"  {peer.label:<40} {name:<5} {assocs} assoc  run {r + 1}/"
+                              f"{args.repeat}: {count / seconds:8.1f} inst/s{done}  "
+                              f"(load {load:.1f})", flush=True)
                 results.extend(cell.values())
     finally:
         if not args.keep:
@@ -455,8 +643,10 @@ def main() -> int:
     print()
     print(f"fednode receive benchmark: loopback, DCMTK storescu senders, {os.cpu_count()} CPUs, "
           f"median of {args.repeat}; fednode = durable path (spool fsync + SQLite commit), "
-          f"workers=0 unless stated; 'paired' = median of the per-round ratios; "
-          f"{time.monotonic() - t0:.0f} s")
+          f"workers=0 unless stated; 'paired' = median of the per-round ratios; e2e = "
+          f"first storescu start to last instance de-identified, e2e/rx0 = that over the "
+          f"workers=0 row's reception time; load1 = 1-min load average before the runs "
+          f"(median); {time.monotonic() - t0:.0f} s")
     if extra_env:
         print(f"fednode settings: {extra_env}")
     for name, (_, count, nbytes) in corpora.items():
@@ -466,7 +656,8 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps(
             [{"peer": r.peer, "corpus": r.corpus, "assocs": r.assocs, "count": r.count,
-              "bytes": r.nbytes, "seconds": r.seconds, "inst_per_s": r.rate, "mb_per_s": r.mbps}
+              "bytes": r.nbytes, "seconds": r.seconds, "inst_per_s": r.rate, "mb_per_s": r.mbps,
+              "e2e_seconds": r.e2e, "load1": r.load}
              for r in results], indent=2))
     return 0
 

@@ -59,8 +59,20 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     db.dispose()
 
 
+_clients: list[ServiceClient] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every service client a test opened is closed after it (its sockets included)."""
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def predictor(s: Setup, *, token: str | None = None, transport=None) -> EncryptedPredictor:  # type: ignore[no-untyped-def]
     client = ServiceClient(s.service.url, token or s.token, transport=transport)
+    _clients.append(client)
     return EncryptedPredictor(client, KeyStore(s.db, s.keys.he, timedelta(days=30)))
 
 
@@ -192,6 +204,7 @@ def test_no_pixel_and_no_decrypted_value_crosses_the_wire(
     db.upgrade()
     recording = Recording()
     client = ServiceClient(setup.service.url, setup.token, transport=recording)
+    _clients.append(client)
     pred = EncryptedPredictor(client, KeyStore(db, setup.keys.he, timedelta(days=30)))
     inputs, _ = synthetic_inputs(setup.plugin, 2, seed=99)
     results = pred.predict(setup.plugin, list(inputs))

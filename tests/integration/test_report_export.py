@@ -30,7 +30,7 @@ from node.pipeline.report import REPORT_KIND, report_sweep, sr_instance_uid
 from node.report.status import study_progress
 from node.tasks import load_tasks
 from node.worker import Worker
-from storage.models import DeidInstance, Report, ReportExport, Result, Series, Study
+from storage.models import AuditEvent, DeidInstance, Report, ReportExport, Result, Series, Study
 from storage.records import ExportState, JobState, ReportState
 from tests.support.node import free_port
 from tests.support.reports import StoreSCP, dciodvfy_errors
@@ -150,6 +150,12 @@ def test_report_goes_back_under_the_original_patient_and_study(tmp_path: Path) -
     assert report.state == ReportState.EXPORTED and report.exported_at is not None
     assert delivery.state == ExportState.SENT and delivery.attempts == 1
     assert delivery.last_status == 0
+
+    with ctx.db.session() as s:
+        events = {e.event: e for e in s.execute(select(AuditEvent)).scalars()}
+    assert events["report-created"].detail["study_key"] == study_key
+    assert events["report-exported"].detail["destination"] == "pacs"
+    assert str(original.PatientID) not in str([e.detail for e in events.values()])
 
     progress = {p.study_key: p for p in study_progress(ctx.db)}
     assert progress[study_key].step == "exported"
@@ -290,3 +296,43 @@ def test_destinations_from_peer_entries_and_config_errors(tmp_path: Path) -> Non
     )
     with pytest.raises(ConfigError, match="host, port"):
         destinations(bad)
+
+
+@pytest.mark.postgres
+def test_report_sweep_queries_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    """The sweep's SQL (job-key concatenation, per-destination counts, retention) on PostgreSQL."""
+    from node.config import NodeSection, Settings
+    from node.keys import NodeKeys
+    from storage.db import Database
+    from storage.queue import SqlQueue
+
+    db = Database(pg_url)
+    db.upgrade()
+    settings = Settings(
+        node=NodeSection(data_dir=tmp_path),
+        export=ExportSection(destinations=[
+            ExportDestination(name="a", ae_title="A", host="127.0.0.1", port=1),
+            ExportDestination(name="b", ae_title="B", host="127.0.0.1", port=2),
+        ]),
+    )
+    ctx = JobContext(settings=settings, db=db, queue=SqlQueue(db),
+                     keys=NodeKeys.from_master(bytes(32)))
+    try:
+        result_id = _result(ctx, "2.25.1", 1, 0.5)
+        assert report_sweep(ctx)["report_jobs"] == 1
+        assert report_sweep(ctx)["report_jobs"] == 0
+        with ctx.db.session() as s:
+            report = Report(result_id=result_id, study_key="2.25.1", task="chest_xray",
+                            study_version=1, sop_class_uid="1.2", state=ReportState.PENDING,
+                            outbox_name="report-1")
+            s.add(report)
+            s.flush()
+            s.add(ReportExport(report_id=report.id, destination="a", state="sent"))
+        assert report_sweep(ctx)["deliveries"] == 1  # only "b" was missing
+        assert report_sweep(ctx)["deliveries"] == 0
+        with ctx.db.session() as s:
+            s.execute(update(Report).values(state=ReportState.EXPORTED,
+                                            exported_at=datetime.now(UTC) - timedelta(days=9)))
+        assert report_sweep(ctx)["purged"] == 1
+    finally:
+        db.dispose()

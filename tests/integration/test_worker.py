@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -44,13 +45,25 @@ def ctx(tmp_path: Path, sqlite_db: Database) -> JobContext:
     )
 
 
-def drain(worker: Worker, seconds: float) -> None:
+def drain(worker: Worker, seconds: float, until: Callable[[], bool] | None = None) -> None:
+    """Run *worker* for *seconds*, or, with *until*, until it holds (at most 30 s: a busy
+    machine must not fail a test whose jobs take their retries' back-off to finish)."""
     t = threading.Thread(target=worker.run)
     t.start()
-    time.sleep(seconds)
+    if until is None:
+        time.sleep(seconds)
+    else:
+        deadline = time.monotonic() + 30
+        while not until() and time.monotonic() < deadline:
+            time.sleep(0.02)
     worker.stop.set()
     t.join(10)
     assert not t.is_alive()
+
+
+def settled(ctx: JobContext) -> Callable[[], bool]:
+    """True once no job is queued or leased any more."""
+    return lambda: all(j.state in (JobState.DONE, JobState.DEAD) for j in ctx.queue.list())
 
 
 def test_backoff_doubles_and_caps() -> None:
@@ -69,7 +82,7 @@ def test_flaky_handler_is_retried_until_done(ctx: JobContext) -> None:
             raise RuntimeError("transient")
 
     ctx.queue.enqueue("flaky", {})
-    drain(Worker(ctx, {"flaky": flaky}, periodic=False), 1.5)
+    drain(Worker(ctx, {"flaky": flaky}, periodic=False), 1.5, until=settled(ctx))
     assert calls == [1, 2, 3]
     [job] = ctx.queue.list()
     assert job.state is JobState.DONE and job.attempts == 3
@@ -80,7 +93,7 @@ def test_always_failing_handler_is_dead_lettered_with_last_error(ctx: JobContext
         raise ValueError(f"bad input #{job.attempts}")
 
     ctx.queue.enqueue("broken", {})
-    drain(Worker(ctx, {"broken": broken}, periodic=False), 1.5)
+    drain(Worker(ctx, {"broken": broken}, periodic=False), 1.5, until=settled(ctx))
     [job] = ctx.queue.list()
     assert job.state is JobState.DEAD and job.attempts == 3
     assert job.last_error == "ValueError: bad input #3"
@@ -94,7 +107,7 @@ def test_permanent_error_dead_letters_at_once(ctx: JobContext) -> None:
         raise PermanentJobError("cannot ever work")
 
     ctx.queue.enqueue("reject", {})
-    drain(Worker(ctx, {"reject": reject}, periodic=False), 0.5)
+    drain(Worker(ctx, {"reject": reject}, periodic=False), 0.5, until=settled(ctx))
     [job] = ctx.queue.list()
     assert job.state is JobState.DEAD and job.attempts == 1 and job.last_error == "cannot ever work"
 
@@ -114,7 +127,7 @@ def test_heartbeat_holds_the_lease_of_a_long_job(ctx: JobContext) -> None:
         stolen.append(c.queue.lease("thief", ["slow"], 10))
 
     ctx.queue.enqueue("slow", {})
-    drain(Worker(ctx, {"slow": slow}, periodic=False), 1.6)
+    drain(Worker(ctx, {"slow": slow}, periodic=False), 1.6, until=settled(ctx))
     assert stolen == [None]
     [job] = ctx.queue.list()
     assert job.state is JobState.DONE and job.attempts == 1

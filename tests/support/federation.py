@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from node.pipeline import JobContext
+from node.jobs import JobContext
 from plugins.base import TaskPlugin
 from plugins.chest_xray.synth import synthetic_studies
 from storage.models import Label

@@ -101,7 +101,8 @@ class RunningService:
                     done.set()
             done.set()
 
-        threading.Thread(target=pump, daemon=True).start()
+        self._pump = threading.Thread(target=pump, daemon=True)
+        self._pump.start()
         done.wait(timeout)
         if not found:
             self.stop()
@@ -130,6 +131,9 @@ class RunningService:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
+        self._pump.join(10)
+        if self.proc.stdout is not None and not self.proc.stdout.closed:
+            self.proc.stdout.close()
 
     def __enter__(self) -> RunningService:
         return self

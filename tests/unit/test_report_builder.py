@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import shutil
 from pathlib import Path
 
@@ -189,3 +190,14 @@ def test_the_validator_catches_a_broken_sr(tmp_path: Path) -> None:
     path = tmp_path / "broken.dcm"
     path.write_bytes(encode_report(sr))
     assert any("CompletionFlag" in line for line in dciodvfy_errors(path))
+
+
+def test_building_logs_no_original_uid(caplog: pytest.LogCaptureFixture) -> None:
+    study, images = _study()
+    evidence = [evidence_image(study, _original_uids(ds), None) for ds in images]
+    with caplog.at_level(logging.DEBUG):
+        build_report(study, evidence, _finding(0.6), _identity("comprehensive-3d"))
+    for ds in images:
+        for keyword in ("SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID"):
+            assert str(ds[keyword].value) not in caplog.text
+    assert str(study.PatientID) not in caplog.text
