@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -143,7 +144,7 @@ def test_periodic_sweeps_run(ctx: JobContext, monkeypatch: pytest.MonkeyPatch) -
     drain(Worker(ctx, {}, periodic=True), 0.55, until=lambda: len(runs) >= 3)
     assert len(runs) >= 3
     # ... not more often than their interval (a sweep is never run back to back)
-    gaps = [b - a for a, b in zip(runs, runs[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(runs)]
     assert min(gaps) >= 0.1 * 0.9
 
 
