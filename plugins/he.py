@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -263,39 +264,36 @@ class HELayout:
         steps.update(self.sum_steps())
         return sorted(s for s in steps if 0 < s < self.slots)
 
-    def encode_input(self, cols: np.ndarray) -> list[np.ndarray]:
-        """The *copies* slot vectors of one image's im2col matrix ``(W, k*k)``."""
+    def _pack(self, per_kernel_element: Callable[[int], np.ndarray]) -> list[np.ndarray]:
+        """The *copies* slot vectors of a replicated im2col layout: group *t* of copy *i*
+        holds, over the period's slots, the values ``per_kernel_element(k)`` gives for kernel
+        element ``k = i * groups + t`` (zero in the padding slots)."""
         p, t_count = self.period, self.groups
+        valid_g = np.arange(p) < self.channels * self.windows
         out = []
-        g = np.arange(p)
-        valid_g = g < self.channels * self.windows
-        w_of_g = np.where(valid_g, g % self.windows, 0)
         for i in range(self.copies):
             vec = np.zeros(self.slots)
             for t in range(t_count):
                 k = i * t_count + t
                 if k >= self.kernel_elems:
                     break
-                vec[t * p : (t + 1) * p] = np.where(valid_g, cols[w_of_g, k], 0.0)
+                vec[t * p : (t + 1) * p] = np.where(valid_g, per_kernel_element(k), 0.0)
             out.append(vec)
         return out
 
+    def _slot_index(self, of: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        g = np.arange(self.period)
+        return np.where(g < self.channels * self.windows, of(g), 0)
+
+    def encode_input(self, cols: np.ndarray) -> list[np.ndarray]:
+        """The *copies* slot vectors of one image's im2col matrix ``(W, k*k)``."""
+        w_of_g = self._slot_index(lambda g: g % self.windows)
+        return self._pack(lambda k: cols[w_of_g, k])
+
     def conv_plaintexts(self, circuit: HECircuit) -> list[np.ndarray]:
         """Per copy: the kernel weight each slot's pixel is multiplied with."""
-        p, t_count = self.period, self.groups
-        g = np.arange(p)
-        valid_g = g < self.channels * self.windows
-        c_of_g = np.where(valid_g, g // self.windows, 0)
-        out = []
-        for i in range(self.copies):
-            vec = np.zeros(self.slots)
-            for t in range(t_count):
-                k = i * t_count + t
-                if k >= self.kernel_elems:
-                    break
-                vec[t * p : (t + 1) * p] = np.where(valid_g, circuit.conv_weight[c_of_g, k], 0.0)
-            out.append(vec)
-        return out
+        c_of_g = self._slot_index(lambda g: g // self.windows)
+        return self._pack(lambda k: circuit.conv_weight[c_of_g, k])
 
     def conv_bias(self, circuit: HECircuit) -> np.ndarray:
         g = np.arange(self.period)
