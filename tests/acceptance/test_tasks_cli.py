@@ -96,7 +96,11 @@ def test_synth_label_and_train_from_the_command_line(tmp_path: Path) -> None:
     trained = node.cli("train", "--local", "--task", "chest_xray", "--json")
     result = json.loads(trained.stdout)
     assert result["n_train"] + result["n_holdout"] == STUDIES - 10
-    assert result["holdout"]["auc"] >= 0.8
+    # `init` draws a fresh master secret, so the study keys and hence the split differ per run;
+    # over seven such nodes the held-out AUC (48 studies) ranged 0.77-0.97, mean 0.90. The
+    # pinned-split target (AUC >= 0.9 on 320 studies) lives in tests/integration/test_training.py;
+    # here the bar is "clearly learned", four spreads below that mean.
+    assert result["holdout"]["auc"] >= 0.7
     assert Path(result["artifact"]).is_file()
     assert Path(result["artifact"]).parent == node.settings().models_dir
     shown = node.cli("train", "--local", "--task", "chest_xray", "--epochs", "2")
