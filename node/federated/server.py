@@ -12,7 +12,9 @@ Per round (legacy workflow, because SecAgg+ exists only there in Flower 1.42):
    noise of standard deviation ``noise-multiplier * clipping-norm / min-nodes`` to the mean and
    :class:`~node.federated.privacy.GaussianAccountant` reports the cumulative ε at ``delta``;
    with noise the mean is unweighted (each node weighs one), which is what bounds one node's
-   influence by the clipping norm;
+   influence by the clipping norm. Without noise, ``server-momentum`` > 0 applies the mean
+   update with server momentum (FedAvgM); it is refused with noise, since its momentum would
+   carry the un-noised means of earlier rounds past the accountant;
 4. every node evaluates the new model on its own held-out part; the coordinator logs the
    example-weighted loss, AUC, MCC and accuracy.
 
@@ -53,6 +55,7 @@ from flwr.server.client_proxy import ClientProxy  # noqa: E402
 from flwr.server.strategy import (  # noqa: E402
     DifferentialPrivacyClientSideFixedClipping,
     FedAvg,
+    FedAvgM,
     Strategy,
 )
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow  # noqa: E402
@@ -75,6 +78,7 @@ class RunSettings:
     min_nodes: int = 2
     local_epochs: int = 5
     learning_rate: float = 3e-3
+    server_momentum: float = 0.0
     clipping_norm: float = 10.0
     noise_multiplier: float = 0.0
     delta: float = 1e-5
@@ -109,6 +113,12 @@ class RunSettings:
             raise ValueError("clipping-norm must be positive")
         if self.noise_multiplier < 0:
             raise ValueError("noise-multiplier must not be negative")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError("server-momentum must lie in [0, 1)")
+        if self.server_momentum > 0 and self.noise_multiplier > 0:
+            # FedAvgM keeps its momentum over the un-noised means, so later rounds would
+            # release earlier rounds' sums without fresh noise: the accountant would not hold.
+            raise ValueError("server-momentum cannot be combined with central DP noise")
 
     @property
     def uniform(self) -> bool:
@@ -311,7 +321,7 @@ def build_strategy(
             "uniform-weights": settings.uniform,
         }
 
-    fedavg = FedAvg(
+    common: dict[str, Any] = dict(
         fraction_fit=1.0,
         fraction_evaluate=1.0,
         min_fit_clients=settings.min_nodes,
@@ -322,6 +332,11 @@ def build_strategy(
         accept_failures=False,
         fit_metrics_aggregation_fn=_aggregate_metrics,
         evaluate_metrics_aggregation_fn=_aggregate_metrics,
+    )
+    fedavg = (  # FedAvgM: the server applies the mean update with momentum
+        FedAvgM(**common, server_momentum=settings.server_momentum)
+        if settings.server_momentum > 0
+        else FedAvg(**common)
     )
     dp = DifferentialPrivacyClientSideFixedClipping(
         fedavg,

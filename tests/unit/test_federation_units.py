@@ -72,6 +72,24 @@ def test_run_config_is_parsed_and_unknown_keys_refused() -> None:
         RunSettings.from_run_config({"clipping-norm": 0})
 
 
+def test_server_momentum_selects_fedavgm_and_is_refused_with_central_dp() -> None:
+    from flwr.server.strategy import FedAvg, FedAvgM
+
+    from node.federated.server import RunSettings, build_strategy
+    from plugins.base import resolve_task
+
+    plugin = resolve_task("chest_xray")
+    plain, _ = build_strategy(RunSettings(), plugin)
+    moving, _ = build_strategy(RunSettings.from_run_config({"server-momentum": 0.5}), plugin)
+    plain_inner, moving_inner = plain.inner.strategy, moving.inner.strategy  # inside the DP wrapper
+    assert type(plain_inner) is FedAvg
+    assert isinstance(moving_inner, FedAvgM) and moving_inner.server_momentum == 0.5
+    with pytest.raises(ValueError, match="central DP"):
+        RunSettings.from_run_config({"server-momentum": 0.5, "noise-multiplier": 1.0})
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        RunSettings.from_run_config({"server-momentum": 1.0})
+
+
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     return Settings(node=NodeSection(data_dir=tmp_path / "data"))
