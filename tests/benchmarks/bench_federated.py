@@ -1,7 +1,8 @@
 """Benchmark: federated vs local-only vs centralised training of the chest task on three
 synthetic sites, and a gradient-inversion attack on one site's update.
 
-Run, from the repository root (one command):
+Run, from the repository root (one command; SciPy comes with the ``bench`` extra,
+``pip install -e ".[bench]"``):
 
     python tests/benchmarks/bench_federated.py [--studies 100] [--rounds 40] [--seeds 5]
 
