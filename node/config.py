@@ -265,6 +265,11 @@ class WorkersSection(_Section):
         description="CPU priority of worker processes (nice, 0-19): the SCP's association "
         "threads go first on a busy CPU; 0 = same as the SCP",
     )
+    idle_while_receiving: bool = Field(
+        True,
+        description="while the SCP is receiving (SQLite), workers run under SCHED_IDLE: only "
+        "on CPU time the receiver leaves idle; false = always at workers.nice",
+    )
 
     @field_validator("lanes")
     @classmethod

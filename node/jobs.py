@@ -259,6 +259,8 @@ class Handler(Generic[P]):
         self.fn = fn
         self.batch: BatchFunction[P] | None = None
         self.max_batch = 1
+        self.warm_up: Periodic | None = None
+        """Run once when a worker of the kind starts (:func:`register_warm_up`)."""
 
     def __call__(self, job: Job, ctx: JobContext) -> None:
         """Parse *job*'s payload and run the handler on it."""
@@ -368,6 +370,22 @@ def register_batch(
             raise ValueError(f"register the handler of {kind.value!r} before its batch function")
         handler.batch = fn
         handler.max_batch = max(1, max_jobs)
+        return fn
+
+    return deco
+
+
+def register_warm_up(kind: JobKind) -> Callable[[Periodic], Periodic]:
+    """Decorator: *fn(ctx)* runs once in each worker serving *kind*, when it starts, to do
+    ahead what the kind's first job would otherwise pay for while the SCP waits (compiling
+    the statements of its write transaction). It must leave nothing behind; an error is
+    logged and ignored."""
+
+    def deco(fn: Periodic) -> Periodic:
+        handler = REGISTRY.get(kind)
+        if handler is None:
+            raise ValueError(f"register the handler of {kind.value!r} before its warm-up")
+        handler.warm_up = fn
         return fn
 
     return deco

@@ -173,6 +173,14 @@ def _worker_main(settings: Settings, lane: str, index: int) -> None:
     )
 
     worker.stop = stop
+    ctx.db.warm_up()
+    worker.warm_up()
+    # As in the SCP (_scp_main): what start-up built (the handlers' modules, the engine) lives
+    # as long as the process; frozen, a full collection no longer walks it. Measured with the
+    # workers on, each worker's first batch otherwise held the write turn for 120-165 ms (a
+    # full collection inside it, the receive path's commits waiting), against 10 ms after.
+    gc.collect()
+    gc.freeze()
 
     def _watchdog() -> None:
         # Started before any signal can arrive (a signal handler must not start threads).

@@ -23,16 +23,21 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 
 from node.config import WorkersSection
-from node.jobs import COMPLETED, PERIODIC, Handler, JobContext, PermanentJobError
+from node.jobs import COMPLETED, PERIODIC, Handler, JobContext, JobKind, PermanentJobError
 from node.stopflag import StopFlag
 from storage.audit import AuditKind
 from storage.errors import StorageError
 from storage.records import Job, JobState
+from storage.turn import run_idle
 
 logger = logging.getLogger(__name__)
 
 GATHER_SECONDS = 0.1
 """How long a worker lets a batch grow while the SCP is receiving (see Worker._gather)."""
+RECEIVING_SECONDS = 0.2
+"""The SCP is receiving if it committed within this long (see Worker._pace)."""
+WAKE_SECONDS = 0.01
+"""How often an idle ingest worker looks at the SCP's commit stamp (see Worker._idle)."""
 
 JobFunction = Callable[[Job, JobContext], None]
 """What the worker calls for a leased job (a registered :class:`node.jobs.Handler` is one)."""
@@ -81,10 +86,24 @@ class Worker:
         self._periodic_due: dict[str, float] = {}
         self._run_periodic = periodic
         self._single_first = True  # flipped before each lease: batched kinds go first
+        self._idle_policy = False  # running under SCHED_IDLE (see _pace)
+        # An idle worker of the kind the SCP enqueues wakes when the SCP commits (see _idle).
+        self._wakes_on_receive = JobKind.DEIDENTIFY.value in self.handlers
 
     @property
     def _cfg(self) -> WorkersSection:
         return self.ctx.settings.workers
+
+    def warm_up(self) -> None:
+        """Run the warm-up of every kind this worker serves (:func:`node.jobs.register_warm_up`)."""
+        for kind, handler in self.handlers.items():
+            fn = getattr(handler, "warm_up", None)
+            if fn is None:
+                continue
+            try:
+                fn(self.ctx)
+            except Exception as exc:  # the first job pays instead
+                logger.warning("warm-up of %s failed: %s: %s", kind, type(exc).__name__, exc)
 
     def run(self) -> None:
         """Loop until :attr:`stop` is set."""
@@ -93,6 +112,8 @@ class Worker:
         while not self.stop.is_set():
             if self._run_periodic:
                 self.run_periodic()
+            seen = self._last_receive()
+            self._pace()
             try:
                 jobs = self._lease(kinds)
             except StorageError as exc:
@@ -100,11 +121,47 @@ class Worker:
                 self.stop.wait(min(5.0, self._cfg.poll_seconds * 10))
                 continue
             if not jobs:
-                self.stop.wait(self._cfg.poll_seconds)
+                self._idle(seen)
                 continue
             self.run_jobs(jobs)
             self._gather(jobs)
         logger.info("worker %s stopped", self.name)
+
+    def _last_receive(self) -> float | None:
+        try:
+            return self.ctx.db.last_receive()
+        except Exception as exc:  # a hint only
+            logger.debug("cannot read the SCP's commit stamp: %s", exc)
+            return None
+
+    def _pace(self) -> None:
+        """While the SCP is receiving (``workers.idle_while_receiving``, SQLite), run the next
+        jobs under ``SCHED_IDLE``: only on CPU time the SCP and its peers leave idle, preempted
+        the moment an SCP thread wakes, so that a burst is answered at the rate of a node
+        without workers. Otherwise at ``workers.nice``, so that other load on the machine (a
+        training run) cannot starve de-identification. The write turn is held at normal
+        priority either way (:func:`storage.turn.run_idle`)."""
+        if not self._cfg.idle_while_receiving:
+            return
+        try:
+            receiving = self.ctx.db.receiving(RECEIVING_SECONDS)
+        except Exception as exc:  # a hint only
+            logger.debug("cannot tell whether the SCP is receiving: %s", exc)
+            receiving = False
+        if receiving != self._idle_policy and (run_idle(receiving) or not receiving):
+            self._idle_policy = receiving
+
+    def _idle(self, seen: float | None) -> None:
+        """No job was due: wait ``poll_seconds``, or, for a worker of ``deidentify`` jobs on
+        SQLite, only until the SCP commits again (its commit stamp moves past *seen*), so
+        that a burst is de-identified from its first instance on rather than a poll later."""
+        if not self._wakes_on_receive or self.ctx.db.turn is None:
+            self.stop.wait(self._cfg.poll_seconds)
+            return
+        deadline = time.monotonic() + self._cfg.poll_seconds
+        while not self.stop.wait(min(WAKE_SECONDS, max(deadline - time.monotonic(), 0.0))):
+            if time.monotonic() >= deadline or self._last_receive() != seen:
+                return
 
     def _gather(self, jobs: list[Job]) -> None:
         """While the SCP is receiving (it committed within the last 50 ms), a worker that
@@ -168,10 +225,10 @@ class Worker:
                 )
 
     def run_periodic(self) -> None:
-        now = time.monotonic()
         for name, sweep in PERIODIC.items():
             if self.kinds is not None and sweep.kind not in self.kinds:
                 continue
+            now = time.monotonic()  # after the sweeps before it: each keeps its interval
             due = self._periodic_due.get(name, 0.0)
             if now < due:
                 continue

@@ -172,7 +172,7 @@ class Spool:
             self._write(segment, scratch.padded(_HEADER.size + length), offset)
         except OSError as exc:
             try:
-                _discard_range(segment.fd, offset, extent)  # no half-written record left
+                _discard_range(segment.fd, offset, extent, [offset])  # no half-written record
             except OSError:
                 pass  # unreadable anyway; the orphan sweep removes it
             raise SpoolError(f"cannot write to the spool: {exc.strerror}") from exc
@@ -321,24 +321,46 @@ class Spool:
 
     def delete(self, locator: str) -> None:
         """Remove the record at *locator* (no error if it is already gone)."""
-        segment, offset, length = _parse(locator)
-        try:
-            fd = os.open(self.root / segment, os.O_RDWR | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return
-        except OSError as exc:
-            raise SpoolError(f"cannot delete spool item: {exc.strerror}") from exc
-        try:
-            header = os.pread(fd, _HEADER.size, offset)
-            if len(header) < _HEADER.size or header[:4] != LIVE:
-                return  # gone already
-            if _HEADER.unpack(header)[1] != length:
-                raise SpoolError("spool locator does not match the record it points at")
-            _discard_range(fd, offset, _extent(length))
-        except OSError as exc:
-            raise SpoolError(f"cannot delete spool item: {exc.strerror}") from exc
-        finally:
-            os.close(fd)
+        self.delete_many([locator])
+
+    def delete_many(self, locators: list[str]) -> None:
+        """Remove the records at *locators* (those already gone are skipped).
+
+        Records that lie next to each other in a segment (a burst's, in arrival order) are
+        freed by one hole punched over all of them: each punch is a journalled change of the
+        file's extents (and, on a file system mounted with ``discard``, a discard), which the
+        receive path's own syncs may wait behind.
+        """
+        by_segment: dict[str, list[tuple[int, int]]] = {}
+        for locator in locators:
+            segment, offset, length = _parse(locator)
+            by_segment.setdefault(segment, []).append((offset, length))
+        for segment, records in by_segment.items():
+            try:
+                fd = os.open(self.root / segment, os.O_RDWR | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                raise SpoolError(f"cannot delete spool item: {exc.strerror}") from exc
+            try:
+                runs: list[tuple[int, int, list[int]]] = []  # adjacent live records
+                for offset, length in sorted(set(records)):
+                    header = os.pread(fd, _HEADER.size, offset)
+                    if len(header) < _HEADER.size or header[:4] != LIVE:
+                        continue  # gone already
+                    if _HEADER.unpack(header)[1] != length:
+                        raise SpoolError("spool locator does not match the record it points at")
+                    end = offset + _extent(length)
+                    if runs and runs[-1][1] == offset:
+                        runs[-1] = (runs[-1][0], end, [*runs[-1][2], offset])
+                    else:
+                        runs.append((offset, end, [offset]))
+                for start, end, offsets in runs:
+                    _discard_range(fd, start, end - start, offsets)
+            except OSError as exc:
+                raise SpoolError(f"cannot delete spool item: {exc.strerror}") from exc
+            finally:
+                os.close(fd)
 
     # -- listing and housekeeping -----------------------------------------------------------
 
@@ -459,12 +481,15 @@ if _fallocate is not None:
     _fallocate.restype = ctypes.c_int
 
 
-def _discard_range(fd: int, offset: int, length: int) -> None:
-    """Free a record's blocks (punch a hole); where the file system cannot, mark it dead."""
+def _discard_range(fd: int, offset: int, length: int, records: list[int]) -> None:
+    """Free the blocks of the adjacent records at *records* (offsets), which span *length*
+    bytes from *offset* (one punched hole); where the file system cannot punch holes, mark
+    each record dead."""
     if _fallocate is not None:
         if _fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length) == 0:
             return
         code = ctypes.get_errno()
         if code not in (errno.EOPNOTSUPP, errno.ENOSYS):
             raise OSError(code, os.strerror(code))
-    os.pwrite(fd, DEAD, offset)
+    for record in records:
+        os.pwrite(fd, DEAD, record)

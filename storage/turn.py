@@ -45,29 +45,53 @@ PRIORITY_MAX_POLL_SECONDS = 0.0005
 _STAMP = struct.Struct("<d")
 
 
-def _set_nice(value: int) -> None:
-    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), value)
+def _thread_priority() -> tuple[int, int]:
+    """The calling thread's scheduling policy and nice value."""
+    return os.sched_getscheduler(0), os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
 
 
-def _raise_to_normal_priority() -> int | None:
-    """Priority ceiling: a thread running below normal CPU priority (a worker, ``workers.nice``)
-    runs at normal priority while it holds the turn, so that it is not preempted by the very
-    SCP threads that wait for the turn (priority inversion). Returns the nice value to go back
-    to, or ``None`` if there was nothing to do or the process may not raise its priority
-    (unprivileged without ``RLIMIT_NICE``: the worker then holds the turn at its own nice)."""
+def _set_thread_priority(policy: int, nice: int) -> None:
+    os.sched_setscheduler(0, policy, os.sched_param(0))
+    os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+
+
+def run_idle(idle: bool) -> bool:
+    """Run the calling thread under ``SCHED_IDLE`` (*idle*) or back under ``SCHED_OTHER`` at
+    its nice value (a worker, while the SCP is receiving: see :meth:`node.worker.Worker.run`).
+
+    An idle-policy thread gets only CPU time no normal thread wants, and a normal thread that
+    wakes (an SCP thread with a PDU to read) preempts it at once, where a thread at nice 10
+    still takes about a tenth of a contended CPU and can delay a waking thread by a
+    scheduler slice. Returns ``False`` where the OS refuses the change (an unprivileged
+    process leaves ``SCHED_IDLE`` only within its ``RLIMIT_NICE``)."""
+    want = os.SCHED_IDLE if idle else os.SCHED_OTHER
+    try:
+        if os.sched_getscheduler(0) != want:
+            os.sched_setscheduler(0, want, os.sched_param(0))
+    except OSError:
+        return False
+    return True
+
+
+def _raise_to_normal_priority() -> tuple[int, int] | None:
+    """Priority ceiling: a thread running below normal CPU priority (a worker: ``workers.nice``,
+    or ``SCHED_IDLE`` while the SCP is receiving) runs at normal priority while it holds the
+    turn, so that it is not preempted by the very SCP threads that wait for the turn
+    (priority inversion). Returns the policy and nice value to go back to, or ``None`` if
+    there was nothing to do or the process may not raise its priority (unprivileged without
+    ``RLIMIT_NICE``: the worker then holds the turn at its own priority)."""
     global _CEILING_ALLOWED
     if not _CEILING_ALLOWED:
         return None
     try:
-        tid = threading.get_native_id()
-        nice = os.getpriority(os.PRIO_PROCESS, tid)
-        if nice <= 0:
+        before = _thread_priority()
+        if before == (os.SCHED_OTHER, 0) or before[1] < 0:
             return None
-        os.setpriority(os.PRIO_PROCESS, tid, 0)
+        _set_thread_priority(os.SCHED_OTHER, 0)
     except OSError:
         _CEILING_ALLOWED = False
         return None
-    return nice
+    return before
 
 
 _CEILING_ALLOWED = True
@@ -142,21 +166,27 @@ class WriteTurn:
                 except OSError:  # closing the file releases the lock as well
                     self.close()
                 if restore is not None:
-                    _set_nice(restore)
+                    _set_thread_priority(*restore)
         finally:
             self._mutex.release()
 
     def priority_writer_active(self, within_seconds: float) -> bool:
         """Whether a priority writer (the SCP) released the turn within the last
         *within_seconds*: receive is under way."""
+        stamp = self.last_priority_release()
+        return stamp is not None and time.monotonic() - stamp < within_seconds
+
+    def last_priority_release(self) -> float | None:
+        """When a priority writer (the SCP) last released the turn (``time.monotonic()``), or
+        ``None`` if none has yet: one ``pread`` of the page cache, cheap enough to poll."""
         try:
             data = os.pread(self._open(), _STAMP.size, 0)
         except OSError:
-            return False
+            return None
         if len(data) < _STAMP.size:
-            return False
+            return None
         (stamp,) = _STAMP.unpack(data)
-        return bool(time.monotonic() - stamp < within_seconds)
+        return float(stamp)
 
     def _poll(self, fd: int, deadline: float, first: float, cap: float) -> None:
         pause = first

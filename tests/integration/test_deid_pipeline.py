@@ -166,11 +166,11 @@ def test_rerun_is_idempotent_and_removes_a_left_over_spool_item(
     job = ctx.queue.lease("test", [JobKind.DEIDENTIFY], 60)
     assert job is not None
 
-    def crash(locator: str) -> None:
+    def crash(locators: list[str]) -> None:
         raise KeyboardInterrupt("killed after the commit, before the spool item was deleted")
 
     with monkeypatch.context() as m:
-        m.setattr(ctx.spool, "delete", crash)
+        m.setattr(ctx.spool, "delete_many", crash)
         with pytest.raises(KeyboardInterrupt):
             deidentify_job(job, parse_payload(job.kind, job.payload), ctx)  # type: ignore[arg-type]
     row = instance(ctx, instance_id)

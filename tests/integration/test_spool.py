@@ -113,6 +113,51 @@ def test_delete_without_hole_punching_marks_the_record_dead(
     spool.close()
 
 
+def test_delete_many_frees_adjacent_records_with_one_hole_each_run(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spool = Spool(root, KEY)
+    locators = [spool.put(os.urandom(100_000)) for _ in range(6)]
+    spool.sync()
+    (segment,) = segments(root)
+    before = segment.stat().st_blocks
+    punched: list[tuple[int, int]] = []
+    real = spool_module._discard_range
+
+    def counting(fd: int, offset: int, length: int, records: list[int]) -> None:
+        punched.append((offset, length))
+        real(fd, offset, length, records)
+
+    monkeypatch.setattr(spool_module, "_discard_range", counting)
+    # Records 0, 1, 2 and 4, 5 are two runs; 4 is named twice and a gone record once more.
+    spool.delete(locators[2])
+    punched.clear()
+    spool.delete_many([locators[5], locators[0], locators[1], locators[2], locators[4],
+                       locators[4]])
+    assert len(punched) == 2  # [0, 1] (2 was gone already) and [4, 5]
+    assert segment.stat().st_blocks < before - 5 * 100_000 // 512 + 16
+    assert spool.names() == [locators[3]]
+    assert spool.get(locators[3])  # the record between the runs is intact
+    with pytest.raises(SpoolError, match="does not match"):
+        bad = locators[3].rsplit("+", 1)[0] + "+5"
+        spool.delete_many([bad])
+    assert spool.exists(locators[3])
+    spool.close()
+
+
+def test_delete_many_without_hole_punching_marks_every_record_of_a_run_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(spool_module, "_fallocate", None)
+    spool = Spool(tmp_path / "spool", KEY)
+    locators = [spool.put(os.urandom(n)) for n in (10, 9000, 10, 10)]
+    spool.sync()
+    spool.delete_many(locators[:3])  # one run of three adjacent records
+    assert [spool.exists(loc) for loc in locators] == [False, False, False, True]
+    assert spool.names() == [locators[3]]
+    spool.close()
+
+
 def test_segments_rotate_and_empty_ones_are_removed_once_unlocked(tmp_path: Path) -> None:
     root = tmp_path / "spool"
     spool = Spool(root, KEY, rotate_bytes=4 * 4096)
