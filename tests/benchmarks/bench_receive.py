@@ -485,6 +485,9 @@ def measure_once(peer: Peer, folder: Path, count: int, assocs: int, work: Path,
     e2e = None
     try:
         wait_echo(port, proc)
+        # A PACS sends to a node that is up: let the receiver finish starting (a node's
+        # worker processes import and warm up after the SCP answers C-ECHO) before sending.
+        wait_quiet(15)
         wall0, seconds = send(folder, port, assocs, run_dir)
         error = peer.verify(run_dir, count)
         if error:
