@@ -32,10 +32,10 @@ from storage.turn import run_idle
 
 logger = logging.getLogger(__name__)
 
-GATHER_SECONDS = 0.1
-"""How long a worker lets a batch grow while the SCP is receiving (see Worker._gather)."""
 RECEIVING_SECONDS = 0.2
 """The SCP is receiving if it committed within this long (see Worker._pace)."""
+BURST_SECONDS = 0.05
+"""While the SCP committed within this long, batches are leased only when full (_lease)."""
 WAKE_SECONDS = 0.01
 """How often an idle ingest worker looks at the SCP's commit stamp (see Worker._idle)."""
 
@@ -124,7 +124,6 @@ class Worker:
                 self._idle(seen)
                 continue
             self.run_jobs(jobs)
-            self._gather(jobs)
         logger.info("worker %s stopped", self.name)
 
     def _last_receive(self) -> float | None:
@@ -143,39 +142,36 @@ class Worker:
         priority either way (:func:`storage.turn.run_idle`)."""
         if not self._cfg.idle_while_receiving:
             return
-        try:
-            receiving = self.ctx.db.receiving(RECEIVING_SECONDS)
-        except Exception as exc:  # a hint only
-            logger.debug("cannot tell whether the SCP is receiving: %s", exc)
-            receiving = False
+        receiving = self._receiving(RECEIVING_SECONDS)
         if receiving != self._idle_policy and (run_idle(receiving) or not receiving):
             self._idle_policy = receiving
 
+    def _receiving(self, within_seconds: float) -> bool:
+        try:
+            return self.ctx.db.receiving(within_seconds)
+        except Exception as exc:  # a hint only
+            logger.debug("cannot tell whether the SCP is receiving: %s", exc)
+            return False
+
     def _idle(self, seen: float | None) -> None:
-        """No job was due: wait ``poll_seconds``, or, for a worker of ``deidentify`` jobs on
-        SQLite, only until the SCP commits again (its commit stamp moves past *seen*), so
-        that a burst is de-identified from its first instance on rather than a poll later."""
+        """No job (or, during a burst, no full batch) was due: wait ``poll_seconds``, or, for
+        a worker of ``deidentify`` jobs on SQLite, only until the SCP commits again (its
+        commit stamp moves past *seen*) or its burst pauses, so that a burst is
+        de-identified from its first instances on rather than a poll later."""
         if not self._wakes_on_receive or self.ctx.db.turn is None:
             self.stop.wait(self._cfg.poll_seconds)
             return
         deadline = time.monotonic() + self._cfg.poll_seconds
+        # A partial batch left during a burst (see _lease) goes once the burst pauses.
+        burst_end = None if seen is None else seen + BURST_SECONDS
+        if burst_end is not None and burst_end <= time.monotonic():
+            burst_end = None  # no burst under way
         while not self.stop.wait(min(WAKE_SECONDS, max(deadline - time.monotonic(), 0.0))):
-            if time.monotonic() >= deadline or self._last_receive() != seen:
+            now = time.monotonic()
+            if now >= deadline or self._last_receive() != seen:
                 return
-
-    def _gather(self, jobs: list[Job]) -> None:
-        """While the SCP is receiving (it committed within the last 50 ms), a worker that
-        ran a batch smaller than its kind allows waits :data:`GATHER_SECONDS` before leasing
-        again, so that the next batch is bigger: every batch costs two turns of SQLite's
-        write lock (lease; record and complete), the lock the SCP's commits wait for."""
-        limit = self._max_batch(jobs[0].kind)
-        if limit <= 1 or len(jobs) >= limit:
-            return
-        try:
-            if self.ctx.db.receiving(0.05):
-                self.stop.wait(GATHER_SECONDS)
-        except Exception as exc:  # a hint only
-            logger.debug("cannot tell whether the SCP is receiving: %s", exc)
+            if burst_end is not None and now >= burst_end:
+                return
 
     def _max_batch(self, kind: str) -> int:
         handler = self.handlers.get(kind)
@@ -193,7 +189,12 @@ class Worker:
             if not batched:
                 return []
             limit = max(self._max_batch(k) for k in batched)
-            return self.ctx.queue.lease_many(self.name, batched, lease_seconds, limit)
+            # While the SCP is receiving, only a full batch is leased: every batch costs two
+            # turns of SQLite's write lock (lease; record and complete), the lock the SCP's
+            # commits wait for. Once the burst pauses, whatever is due goes.
+            at_least = limit if self._receiving(BURST_SECONDS) else 1
+            return self.ctx.queue.lease_many(
+                self.name, batched, lease_seconds, limit, at_least=at_least)
 
         def lease_single() -> list[Job]:
             job = self.ctx.queue.lease(self.name, single, lease_seconds) if single else None

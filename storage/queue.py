@@ -72,12 +72,15 @@ class JobQueue(ABC):
         """Lease the next due job of one of *kinds*, or return ``None``."""
 
     def lease_many(
-        self, owner: str, kinds: Sequence[str], lease_seconds: float, limit: int
+        self, owner: str, kinds: Sequence[str], lease_seconds: float, limit: int,
+        *, at_least: int = 1,
     ) -> list[Job]:
         """Lease up to *limit* due jobs of *kinds* at once, in queue order.
 
         Each is leased as by :meth:`lease` (its own token and attempt count). The SQL queue
-        does it in one transaction, so a worker taking a batch takes the write lock once.
+        does it in one transaction, so a worker taking a batch takes the write lock once,
+        and with *at_least* leases nothing unless that many are due (looked at without the
+        lock); the in-memory queue leases what is due.
         """
         jobs: list[Job] = []
         for _ in range(limit):
@@ -213,18 +216,24 @@ class SqlQueue(JobQueue):
         )
 
     def lease_many(
-        self, owner: str, kinds: Sequence[str], lease_seconds: float, limit: int
+        self, owner: str, kinds: Sequence[str], lease_seconds: float, limit: int,
+        *, at_least: int = 1,
     ) -> list[Job]:
         if not kinds or limit < 1:
             return []
         now = _now()
         due = self._due(kinds, now)
-        if not self.db.is_postgresql:
+        if not self.db.is_postgresql or at_least > 1:
             # An idle poll must not take SQLite's write turn: look first, without a lock
             # (a deferred read in WAL mode), and only then lease in a write transaction.
+            wanted = max(1, min(at_least, limit))
             with self.db.read() as conn:
-                if conn.execute(select(JobRow.id).where(due).limit(1)).first() is None:
-                    return []
+                found = conn.execute(
+                    select(func.count()).select_from(
+                        select(JobRow.id).where(due).limit(wanted).subquery())
+                ).scalar_one()
+            if found < wanted:
+                return []
         with self.db.transaction() as conn:
             query = (
                 select(JobRow.id, JobRow.state, JobRow.attempts, JobRow.max_attempts)

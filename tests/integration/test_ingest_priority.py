@@ -319,3 +319,136 @@ def test_the_scp_commit_tells_the_workers_that_receive_is_under_way(tmp_path: Pa
     assert not worker.receiving(0)  # only within the window asked for
     scp.dispose()
     worker.dispose()
+
+
+def _policy_of(tid: int) -> int:
+    return os.sched_getscheduler(tid)
+
+
+def _may_leave_sched_idle() -> bool:
+    """Whether this process may move a thread from SCHED_IDLE back to SCHED_OTHER (root, or
+    RLIMIT_NICE allowing the nice value), as the priority ceiling does."""
+    seen: list[bool] = []
+
+    def probe() -> None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+            seen.append(True)
+        except OSError:
+            seen.append(False)
+
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join(30)
+    return seen == [True]
+
+
+def test_an_idle_policy_thread_holds_the_turn_at_normal_policy(tmp_path: Path) -> None:
+    if not _may_leave_sched_idle():
+        pytest.skip("this process may not leave SCHED_IDLE (RLIMIT_NICE)")
+    from storage.turn import run_idle
+
+    db = Database(f"sqlite:///{tmp_path}/t.db")
+    db.upgrade()
+    seen: dict[str, int] = {}
+
+    def worker_thread() -> None:
+        assert run_idle(True)  # as a worker runs while the SCP is receiving
+        seen["before"] = _policy_of(0)
+        with db.session():
+            seen["holding"] = _policy_of(0)
+        seen["after"] = _policy_of(0)
+        assert run_idle(False)
+        seen["back"] = _policy_of(0)
+
+    t = threading.Thread(target=worker_thread)
+    t.start()
+    t.join(30)
+    assert seen == {"before": os.SCHED_IDLE, "holding": os.SCHED_OTHER,
+                    "after": os.SCHED_IDLE, "back": os.SCHED_OTHER}
+    db.dispose()
+
+
+@pytest.mark.parametrize("idle_while_receiving", [True, False])
+def test_workers_run_under_sched_idle_only_while_the_scp_is_receiving(
+    tmp_path: Path, idle_while_receiving: bool
+) -> None:
+    if not _may_leave_sched_idle():
+        pytest.skip("this process may not leave SCHED_IDLE (RLIMIT_NICE)")
+    ctx = make_ctx(tmp_path)
+    workers = ctx.settings.workers.model_copy(
+        update={"poll_seconds": 0.02, "idle_while_receiving": idle_while_receiving})
+    ctx.settings = ctx.settings.model_copy(update={"workers": workers})
+    worker = Worker(ctx, load_handlers(), kinds=[JobKind.DEIDENTIFY], periodic=False)
+    tids: list[int] = []
+
+    def run() -> None:
+        tids.append(threading.get_native_id())
+        worker.run()
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        stop = threading.Event()
+        policies = set()
+        for _ in range(100):  # a commit of the SCP every 20 ms for 2 s: receive under way
+            receive(ctx, ct(dicomgen.FakeStudy()))
+            policies.add(_policy_of(tids[0]))
+            stop.wait(0.02)
+        for _ in range(200):  # then quiet: back to the normal policy (at workers.nice)
+            if _policy_of(tids[0]) == os.SCHED_OTHER:
+                break
+            stop.wait(0.05)
+        after = _policy_of(tids[0])
+    finally:
+        worker.stop.set()
+        thread.join(30)
+    if idle_while_receiving:
+        assert os.SCHED_IDLE in policies
+    else:
+        assert policies == {os.SCHED_OTHER}
+    assert after == os.SCHED_OTHER
+
+
+def test_an_idle_ingest_worker_wakes_on_the_scps_commit_not_a_poll_later(
+    tmp_path: Path,
+) -> None:
+    ctx = make_ctx(tmp_path)
+    slow = ctx.settings.workers.model_copy(update={"poll_seconds": 60.0})
+    ctx.settings = ctx.settings.model_copy(update={"workers": slow})
+    worker = Worker(ctx, load_handlers(), kinds=[JobKind.DEIDENTIFY], periodic=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        stop = threading.Event()
+        stop.wait(0.3)  # the worker found nothing and waits (a poll is 60 s away)
+        instance_id = receive(ctx, ct(dicomgen.FakeStudy()))
+        for _ in range(300):  # 30 s at most, half a poll period
+            with ctx.db.read() as conn:
+                state = conn.execute(
+                    select(Instance.state).where(Instance.id == instance_id)).scalar_one()
+            if state == InstanceState.DEIDENTIFIED.value:
+                break
+            stop.wait(0.1)
+    finally:
+        worker.stop.set()
+        thread.join(90)
+    assert state == InstanceState.DEIDENTIFIED.value
+
+
+def test_the_deidentify_warm_up_leaves_nothing_behind(tmp_path: Path) -> None:
+    from node.pipeline.deidentify import warm_up
+
+    ctx = make_ctx(tmp_path)
+    load_handlers()
+    warm_up(ctx)
+    warm_up(ctx)  # again: still nothing
+    with ctx.db.read() as conn:
+        counts = {
+            table: conn.execute(text(f"SELECT count(*) FROM {table}")).scalar()
+            for table in ("studies", "series", "deid_instances", "vault_studies",
+                          "vault_instances", "audit_events", "jobs")
+        }
+    assert set(counts.values()) == {0}, counts
+    assert not ctx.db.turn.held  # type: ignore[union-attr]
