@@ -55,6 +55,32 @@ def _set_thread_priority(policy: int, nice: int) -> None:
     os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
 
+_LEAVE_IDLE: bool | None = None
+
+
+def may_leave_idle() -> bool:
+    """Whether a thread of this process that enters ``SCHED_IDLE`` may leave it again (root,
+    or ``RLIMIT_NICE`` covering the thread's nice value, as the systemd unit sets it): probed
+    once, in a thread of its own, so that no thread is left stuck at the idle policy."""
+    global _LEAVE_IDLE
+    if _LEAVE_IDLE is None:
+        result: list[bool] = []
+
+        def probe() -> None:
+            try:
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+                os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+                result.append(True)
+            except (OSError, AttributeError):
+                result.append(False)
+
+        thread = threading.Thread(target=probe, name="sched-probe")
+        thread.start()
+        thread.join()
+        _LEAVE_IDLE = result == [True]
+    return _LEAVE_IDLE
+
+
 def run_idle(idle: bool) -> bool:
     """Run the calling thread under ``SCHED_IDLE`` (*idle*) or back under ``SCHED_OTHER`` at
     its nice value (a worker, while the SCP is receiving: see :meth:`node.worker.Worker.run`).
@@ -62,8 +88,10 @@ def run_idle(idle: bool) -> bool:
     An idle-policy thread gets only CPU time no normal thread wants, and a normal thread that
     wakes (an SCP thread with a PDU to read) preempts it at once, where a thread at nice 10
     still takes about a tenth of a contended CPU and can delay a waking thread by a
-    scheduler slice. Returns ``False`` where the OS refuses the change (an unprivileged
-    process leaves ``SCHED_IDLE`` only within its ``RLIMIT_NICE``)."""
+    scheduler slice. Returns ``False`` where the OS refuses the change, and does not enter
+    ``SCHED_IDLE`` where the process could not leave it (:func:`may_leave_idle`)."""
+    if idle and not may_leave_idle():
+        return False
     want = os.SCHED_IDLE if idle else os.SCHED_OTHER
     try:
         if os.sched_getscheduler(0) != want:

@@ -326,22 +326,9 @@ def _policy_of(tid: int) -> int:
 
 
 def _may_leave_sched_idle() -> bool:
-    """Whether this process may move a thread from SCHED_IDLE back to SCHED_OTHER (root, or
-    RLIMIT_NICE allowing the nice value), as the priority ceiling does."""
-    seen: list[bool] = []
+    from storage.turn import may_leave_idle
 
-    def probe() -> None:
-        try:
-            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-            seen.append(True)
-        except OSError:
-            seen.append(False)
-
-    t = threading.Thread(target=probe)
-    t.start()
-    t.join(30)
-    return seen == [True]
+    return may_leave_idle()
 
 
 def test_an_idle_policy_thread_holds_the_turn_at_normal_policy(tmp_path: Path) -> None:
