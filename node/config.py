@@ -267,7 +267,7 @@ class WorkersSection(_Section):
     )
     idle_while_receiving: bool = Field(
         True,
-        description="while the SCP is receiving (SQLite), workers run under SCHED_IDLE: only "
+        description="while the SCP is receiving, workers run under SCHED_IDLE: only "
         "on CPU time the receiver leaves idle; false = always at workers.nice",
     )
 

@@ -74,7 +74,7 @@ lease_seconds = 300
 # first, so a burst from the PACS is answered at full speed while de-identification catches
 # up. 0 = same priority as the receiver.
 nice = 10
-# While the receiver is committing (a burst from the PACS; SQLite), workers run under
+# While the receiver is committing (a burst from the PACS), workers run under
 # SCHED_IDLE: only on CPU time the receiver leaves idle. false = always at `nice`.
 idle_while_receiving = true
 

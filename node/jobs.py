@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from storage.queue import JobQueue
     from storage.records import Job, JobState
     from storage.spool import Spool
+    from storage.turn import ReceiveStamp
 
 
 class JobKind(StrEnum):
@@ -200,6 +201,10 @@ def enqueue(
 # -- the context handlers get ------------------------------------------------------------------
 
 
+RECEIVE_STAMP_NAME = "receive.stamp"
+"""The SCP's commit stamp in the data folder (:attr:`JobContext.receive_stamp`)."""
+
+
 @dataclass
 class JobContext:
     """What a handler may use. Built once per worker process."""
@@ -214,6 +219,13 @@ class JobContext:
         from storage.spool import Spool
 
         return Spool(self.settings.spool_dir, self.keys.spool)
+
+    @cached_property
+    def receive_stamp(self) -> ReceiveStamp:
+        """When the SCP last committed (:class:`storage.turn.ReceiveStamp`)."""
+        from storage.turn import ReceiveStamp
+
+        return ReceiveStamp(self.settings.data_dir / RECEIVE_STAMP_NAME)
 
     @cached_property
     def blobs(self) -> BlobStore:

@@ -128,13 +128,13 @@ class Worker:
 
     def _last_receive(self) -> float | None:
         try:
-            return self.ctx.db.last_receive()
+            return self.ctx.receive_stamp.last()
         except Exception as exc:  # a hint only
             logger.debug("cannot read the SCP's commit stamp: %s", exc)
             return None
 
     def _pace(self) -> None:
-        """While the SCP is receiving (``workers.idle_while_receiving``, SQLite), run the next
+        """While the SCP is receiving (``workers.idle_while_receiving``), run the next
         jobs under ``SCHED_IDLE``: only on CPU time the SCP and its peers leave idle, preempted
         the moment an SCP thread wakes, so that a burst is answered at the rate of a node
         without workers. Otherwise at ``workers.nice``, so that other load on the machine (a
@@ -148,17 +148,17 @@ class Worker:
 
     def _receiving(self, within_seconds: float) -> bool:
         try:
-            return self.ctx.db.receiving(within_seconds)
+            return self.ctx.receive_stamp.active(within_seconds)
         except Exception as exc:  # a hint only
             logger.debug("cannot tell whether the SCP is receiving: %s", exc)
             return False
 
     def _idle(self, seen: float | None) -> None:
         """No job (or, during a burst, no full batch) was due: wait ``poll_seconds``, or, for
-        a worker of ``deidentify`` jobs on SQLite, only until the SCP commits again (its
+        a worker of ``deidentify`` jobs, only until the SCP commits again (its
         commit stamp moves past *seen*) or its burst pauses, so that a burst is
         de-identified from its first instances on rather than a poll later."""
-        if not self._wakes_on_receive or self.ctx.db.turn is None:
+        if not self._wakes_on_receive:
             self.stop.wait(self._cfg.poll_seconds)
             return
         deadline = time.monotonic() + self._cfg.poll_seconds

@@ -72,16 +72,6 @@ class Database:
         :meth:`transaction` take it themselves; *priority* is for the C-STORE path."""
         return nullcontext() if self.turn is None else self.turn.hold(priority=priority)
 
-    def receiving(self, within_seconds: float = 0.05) -> bool:
-        """Whether the SCP committed within the last *within_seconds* (SQLite: from the write
-        turn; PostgreSQL has no single writer to share, so never)."""
-        return self.turn is not None and self.turn.priority_writer_active(within_seconds)
-
-    def last_receive(self) -> float | None:
-        """When the SCP last committed (``time.monotonic()``; SQLite only, else ``None``): a
-        worker that sees it move has new jobs to lease."""
-        return None if self.turn is None else self.turn.last_priority_release()
-
     @contextmanager
     def session(self) -> Iterator[Session]:
         """A session in one transaction: committed on success, rolled back on error."""

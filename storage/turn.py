@@ -40,8 +40,8 @@ FIRST_POLL_SECONDS = 0.0005
 MAX_POLL_SECONDS = 0.004
 PRIORITY_FIRST_POLL_SECONDS = 0.00005
 PRIORITY_MAX_POLL_SECONDS = 0.0005
-# The turn file's first 8 bytes: when a priority writer last released the turn
-# (CLOCK_MONOTONIC, the same clock in every process of the machine).
+# A receive stamp: when the SCP last committed (CLOCK_MONOTONIC, the same clock in every
+# process of the machine).
 _STAMP = struct.Struct("<d")
 
 
@@ -188,8 +188,6 @@ class WriteTurn:
             finally:
                 self._local.depth = 0
                 try:
-                    if priority:  # page cache only: a hint for the workers, not a record
-                        os.pwrite(fd, _STAMP.pack(time.monotonic()), 0)
                     fcntl.flock(fd, fcntl.LOCK_UN)
                 except OSError:  # closing the file releases the lock as well
                     self.close()
@@ -197,24 +195,6 @@ class WriteTurn:
                     _set_thread_priority(*restore)
         finally:
             self._mutex.release()
-
-    def priority_writer_active(self, within_seconds: float) -> bool:
-        """Whether a priority writer (the SCP) released the turn within the last
-        *within_seconds*: receive is under way."""
-        stamp = self.last_priority_release()
-        return stamp is not None and time.monotonic() - stamp < within_seconds
-
-    def last_priority_release(self) -> float | None:
-        """When a priority writer (the SCP) last released the turn (``time.monotonic()``), or
-        ``None`` if none has yet: one ``pread`` of the page cache, cheap enough to poll."""
-        try:
-            data = os.pread(self._open(), _STAMP.size, 0)
-        except OSError:
-            return None
-        if len(data) < _STAMP.size:
-            return None
-        (stamp,) = _STAMP.unpack(data)
-        return float(stamp)
 
     def _poll(self, fd: int, deadline: float, first: float, cap: float) -> None:
         pause = first
@@ -242,4 +222,57 @@ class WriteTurn:
         """Close the turn file (it is reopened on the next use)."""
         if self._fd is not None and self._fd[0] == os.getpid():
             os.close(self._fd[1])
+        self._fd = None
+
+
+class ReceiveStamp:
+    """When the SCP last committed received instances: 8 bytes in *path* (in the data folder),
+    written by the SCP after each group commit and read by the workers, on any database.
+
+    Page cache only, never synced: a hint for the workers (a burst is under way; new jobs
+    are due), not a record. One ``pwrite`` or ``pread``, cheap enough to do at every commit and
+    to poll every few milliseconds.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: tuple[int, int] | None = None  # (pid, fd): a forked child opens its own
+
+    def mark(self) -> None:
+        """Record that the SCP committed now (errors are ignored: a hint only)."""
+        try:
+            os.pwrite(self._open(), _STAMP.pack(time.monotonic()), 0)
+        except OSError:
+            self.close()
+
+    def last(self) -> float | None:
+        """When the SCP last committed (``time.monotonic()``), or ``None`` if it has not."""
+        try:
+            data = os.pread(self._open(), _STAMP.size, 0)
+        except OSError:
+            self.close()
+            return None
+        if len(data) < _STAMP.size:
+            return None
+        (stamp,) = _STAMP.unpack(data)
+        return float(stamp)
+
+    def active(self, within_seconds: float) -> bool:
+        """Whether the SCP committed within the last *within_seconds*: receive is under way."""
+        stamp = self.last()
+        return stamp is not None and time.monotonic() - stamp < within_seconds
+
+    def _open(self) -> int:
+        pid = os.getpid()
+        if self._fd is None or self._fd[0] != pid:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = (pid, fd)
+        return self._fd[1]
+
+    def close(self) -> None:
+        if self._fd is not None and self._fd[0] == os.getpid():
+            try:
+                os.close(self._fd[1])
+            except OSError:
+                pass
         self._fd = None

@@ -50,7 +50,7 @@ from node.deid.pseudonyms import uid_pseudonym
 from node.dicom.inspect import DatasetHeader, inspect_dataset
 from node.dicom.status import Status
 from node.errors import InstanceTooLarge, MalformedDataset
-from node.jobs import DeidentifyPayload, deidentify_dedupe_key, enqueue
+from node.jobs import RECEIVE_STAMP_NAME, DeidentifyPayload, deidentify_dedupe_key, enqueue
 from storage.audit import AuditKind
 from storage.db import Database, PreparedInsert
 from storage.errors import CommitOutcomeUnknown, DatabaseUnavailable, StorageError
@@ -59,6 +59,7 @@ from storage.models import Instance
 from storage.queue import JobQueue
 from storage.records import InstanceState
 from storage.spool import Spool
+from storage.turn import ReceiveStamp
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class Receiver:
         self.max_instance = max_instance_bytes
         self.max_inflated = max_inflated_bytes
         self._insert_row = PreparedInsert(db, Instance.__table__, _ROW_COLUMNS, "sop_key")
+        self._stamp = ReceiveStamp(data_dir / RECEIVE_STAMP_NAME)
         self._committer = _GroupCommitter(self._write_rows, self._writer_turn)
 
     def store(
@@ -233,8 +235,11 @@ class Receiver:
         # The records written so far become durable before queueing for the lock, not while
         # holding it (the sync in _write_rows then covers only rows that arrived meanwhile).
         self.spool.sync()
-        with self.db.write_turn(priority=True):
-            yield
+        try:
+            with self.db.write_turn(priority=True):
+                yield
+        finally:  # the workers follow this (node.worker): new jobs, a burst under way
+            self._stamp.mark()
 
     def _discard(self, spool_name: str) -> None:
         try:

@@ -305,20 +305,27 @@ def test_blobs_go_to_one_folder_level_and_the_earlier_layout_is_still_read(
     assert not (root / old_digest[:2] / old_digest).exists()
 
 
-def test_the_scp_commit_tells_the_workers_that_receive_is_under_way(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path}/t.db"
-    scp, worker = Database(url), Database(url)  # two processes' engines on one node
-    scp.upgrade()
-    assert not worker.receiving(60)
-    with worker.session():  # a worker's own transaction is not receive
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_the_scp_commit_tells_the_workers_that_receive_is_under_way(
+    tmp_path: Path, database: str, request: pytest.FixtureRequest
+) -> None:
+    from node.jobs import JobContext
+    from storage.queue import SqlQueue
+
+    ctx = make_ctx(tmp_path)
+    if database == "postgresql":
+        db = Database(request.getfixturevalue("pg_url"))
+        db.upgrade()
+        ctx = JobContext(settings=ctx.settings, db=db, queue=SqlQueue(db), keys=ctx.keys)
+    worker = JobContext(settings=ctx.settings, db=ctx.db, queue=ctx.queue, keys=ctx.keys)
+    assert worker.receive_stamp.last() is None and not worker.receive_stamp.active(60)
+    with ctx.db.session():  # a worker's own transaction is not receive
         pass
-    assert not worker.receiving(60)
-    with scp.write_turn(priority=True):
-        pass
-    assert worker.receiving(60)
-    assert not worker.receiving(0)  # only within the window asked for
-    scp.dispose()
-    worker.dispose()
+    assert not worker.receive_stamp.active(60)
+    receive(ctx, ct(dicomgen.FakeStudy()))  # the SCP's path: group commit, then the stamp
+    assert worker.receive_stamp.active(60)
+    assert not worker.receive_stamp.active(0)  # only within the window asked for
+    ctx.db.dispose()
 
 
 def _policy_of(tid: int) -> int:
