@@ -125,7 +125,33 @@ def _raise_to_normal_priority() -> tuple[int, int] | None:
 _CEILING_ALLOWED = True
 
 
-class WriteTurn:
+class _ProcessFile:
+    """A file this process keeps open (``O_RDWR | O_CREAT``, mode 0600); a forked child
+    opens its own (an ``flock`` belongs to the open file, and a child must not share it)."""
+
+    path: Path
+
+    def __init__(self) -> None:
+        self._fd: tuple[int, int] | None = None  # (pid, fd)
+
+    def _open(self) -> int:
+        pid = os.getpid()
+        if self._fd is None or self._fd[0] != pid:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            self._fd = (pid, fd)
+        return self._fd[1]
+
+    def close(self) -> None:
+        """Close the file (it is reopened on the next use)."""
+        if self._fd is not None and self._fd[0] == os.getpid():
+            try:
+                os.close(self._fd[1])
+            except OSError:
+                pass
+        self._fd = None
+
+
+class WriteTurn(_ProcessFile):
     """The turn on the database file *db_path*: an ``flock`` on ``<db_path>-turn``.
 
     Parameters
@@ -141,7 +167,7 @@ class WriteTurn:
         self.timeout = timeout_seconds
         self._mutex = threading.Lock()
         self._local = threading.local()
-        self._fd: tuple[int, int] | None = None  # (pid, fd): a forked child opens its own
+        super().__init__()
 
     @property
     def held(self) -> bool:
@@ -211,21 +237,8 @@ class WriteTurn:
             time.sleep(pause)
             pause = min(pause * 2, cap)
 
-    def _open(self) -> int:
-        pid = os.getpid()
-        if self._fd is None or self._fd[0] != pid:  # a flock is per open file
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fd = (pid, fd)
-        return self._fd[1]
 
-    def close(self) -> None:
-        """Close the turn file (it is reopened on the next use)."""
-        if self._fd is not None and self._fd[0] == os.getpid():
-            os.close(self._fd[1])
-        self._fd = None
-
-
-class ReceiveStamp:
+class ReceiveStamp(_ProcessFile):
     """When the SCP last committed received instances: 8 bytes in *path* (in the data folder),
     written by the SCP after each group commit and read by the workers, on any database.
 
@@ -235,8 +248,8 @@ class ReceiveStamp:
     """
 
     def __init__(self, path: Path) -> None:
+        super().__init__()
         self.path = path
-        self._fd: tuple[int, int] | None = None  # (pid, fd): a forked child opens its own
 
     def mark(self) -> None:
         """Record that the SCP committed now (errors are ignored: a hint only)."""
@@ -261,18 +274,3 @@ class ReceiveStamp:
         """Whether the SCP committed within the last *within_seconds*: receive is under way."""
         stamp = self.last()
         return stamp is not None and time.monotonic() - stamp < within_seconds
-
-    def _open(self) -> int:
-        pid = os.getpid()
-        if self._fd is None or self._fd[0] != pid:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            self._fd = (pid, fd)
-        return self._fd[1]
-
-    def close(self) -> None:
-        if self._fd is not None and self._fd[0] == os.getpid():
-            try:
-                os.close(self._fd[1])
-            except OSError:
-                pass
-        self._fd = None
