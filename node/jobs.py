@@ -231,7 +231,7 @@ class JobContext:
     def blobs(self) -> BlobStore:
         from storage.blobs import BlobStore
 
-        return BlobStore(self.settings.blob_dir)
+        return BlobStore(self.settings.blob_dir, self.keys.blobs)
 
 
 # -- registries -------------------------------------------------------------------------------

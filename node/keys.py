@@ -43,6 +43,8 @@ class NodeKeys:
     """AES-256-GCM key of the outbox (re-identified Structured Reports until acknowledged)."""
     he: bytes
     """AES-256-GCM key that seals the CKKS secret keys (:mod:`node.inference.keystore`)."""
+    blobs: bytes
+    """AES-256-GCM key of the blob store's packs (de-identified instances)."""
 
     @classmethod
     def from_master(cls, master: bytes) -> NodeKeys:
@@ -55,6 +57,7 @@ class NodeKeys:
             site=derive_key(master, "pseudonym/hmac-sha256"),
             outbox=derive_key(master, "outbox/aes-gcm"),
             he=derive_key(master, "he/ckks-secret/aes-gcm"),
+            blobs=derive_key(master, "blobs/aes-gcm"),
         )
 
     def __repr__(self) -> str:

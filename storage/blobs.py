@@ -1,10 +1,19 @@
-"""Content-addressed blob store for de-identified instances (SHA-256, atomic writes).
+"""The store of de-identified instances: encrypted records appended to pack files.
 
-A blob lives at ``root/ab/<digest>`` (``ab``: the digest's first two hex digits): 256
-folders, created with the store, where the earlier layout ``root/ab/cd/<digest>`` made a fresh
-node create two folders for almost every blob it stored (two journalled ``mkdir`` per
-instance, measured at ~0.5 ms of the worker's ~3.5 ms per CT instance). Blobs stored under
-the earlier layout are still found there; new ones are written under the new one.
+A blob is a record of a :class:`storage.spool.Spool` kept under ``root/packs`` with a key of
+its own, and is named by the record's locator (``seg-…@<offset>+<length>``), which the
+database keeps as the instance's *blob reference*. One batch of a worker is appended to the
+worker's open pack with one ``pwrite`` per blob (``O_DIRECT``) and made durable with one
+``fdatasync``; the AES-GCM tag, bound to the record's place, is its integrity check.
+
+Why packs rather than a file per blob (the layout of earlier builds): a durable file costs
+a temporary file, its fsync, a rename and the folder's fsync, measured at 1.3-3.4 ms of CPU
+(mostly kernel time) per 0.5 MB CT blob, two thirds of a worker's time per instance, against
+~0.1 ms for the append; and every one of those journal commits is disk time the SCP's own
+syncs wait behind while a burst is received.
+
+Blobs written by earlier builds (``root/ab/<sha-256>`` and ``root/ab/cd/<sha-256>``; their
+reference is the digest) are still read, and verified against their digest.
 """
 
 from __future__ import annotations
@@ -13,71 +22,66 @@ import hashlib
 from pathlib import Path
 
 from storage.errors import IntegrityError, StorageError
-from storage.files import atomic_write, atomic_write_many, fsync_dir
+from storage.spool import Spool
+
+PACK_DIR = "packs"
+# A worker keeps appending to one pack until it is this large or this old.
+PACK_BYTES = 1 << 30
+PACK_SECONDS = 24 * 3600
 
 
 class BlobStore:
-    """Immutable blobs named by the SHA-256 of their bytes, under ``root/ab/cd/<digest>``."""
+    """De-identified instances by blob reference (see the module documentation)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, key: bytes) -> None:
         self.root = root
         root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        # The 256 folders exist before the first blob: a fresh node's first burst would
-        # otherwise create (and journal) one with most of its first few hundred blobs.
-        if not (root / "ff").is_dir():
-            for first in range(256):
-                (root / f"{first:02x}").mkdir(mode=0o700, exist_ok=True)
-            fsync_dir(root)
-
-    def path(self, digest: str) -> Path:
-        """Where the blob of *digest* is (or, if it is not stored, would be written)."""
-        path = self._path(digest)
-        if not path.exists():
-            legacy = self.root / digest[:2] / digest[2:4] / digest
-            if legacy.exists():
-                return legacy
-        return path
-
-    def _path(self, digest: str) -> Path:
-        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
-            raise StorageError("invalid blob digest")
-        return self.root / digest[:2] / digest
+        self.packs = Spool(
+            root / PACK_DIR, key, rotate_seconds=PACK_SECONDS, rotate_bytes=PACK_BYTES,
+            name="blob store",
+        )
 
     def put(self, data: bytes) -> str:
-        """Store *data* (idempotent) and return its digest."""
-        digest = hashlib.sha256(data).hexdigest()
-        path = self.path(digest)
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            try:
-                atomic_write(path, data, mode=0o600)
-            except OSError as exc:
-                raise StorageError(f"cannot write blob: {exc.strerror}") from exc
-        return digest
+        """Store *data* durably and return its reference."""
+        return self.put_many([data])[0]
 
     def put_many(self, datas: list[bytes]) -> list[str]:
-        """:meth:`put` for several blobs, synced together (:func:`atomic_write_many`)."""
-        digests = [hashlib.sha256(data).hexdigest() for data in datas]
-        todo: dict[Path, bytes] = {}
-        for digest, data in zip(digests, datas, strict=True):
-            path = self.path(digest)
-            if path not in todo and not path.exists():
-                path.parent.mkdir(exist_ok=True)
-                todo[path] = data
-        try:
-            atomic_write_many(list(todo.items()), mode=0o600)
-        except OSError as exc:
-            raise StorageError(f"cannot write blob: {exc.strerror}") from exc
-        return digests
+        """Store every blob of *datas* and make them durable together (one sync)."""
+        refs = [self.packs.put(data) for data in datas]
+        self.packs.sync()
+        return refs
 
-    def get(self, digest: str, *, verify: bool = True) -> bytes:
+    def get(self, ref: str) -> bytes:
+        """The blob named *ref*; :class:`IntegrityError` if it does not authenticate."""
+        if not _is_digest(ref):
+            return self.packs.get(ref)
+        path = self._legacy_path(ref)
         try:
-            data = self.path(digest).read_bytes()
+            data = path.read_bytes()
         except OSError as exc:
-            raise StorageError(f"cannot read blob {digest[:12]}: {exc.strerror}") from exc
-        if verify and hashlib.sha256(data).hexdigest() != digest:
-            raise IntegrityError(f"blob {digest[:12]} does not match its digest")
+            raise StorageError(f"cannot read blob {ref[:12]}: {exc.strerror}") from exc
+        if hashlib.sha256(data).hexdigest() != ref:
+            raise IntegrityError(f"blob {ref[:12]} does not match its digest")
         return data
 
-    def exists(self, digest: str) -> bool:
-        return self.path(digest).exists()
+    def exists(self, ref: str) -> bool:
+        if not _is_digest(ref):
+            return self.packs.exists(ref)
+        return self._legacy_path(ref).exists()
+
+    def delete_many(self, refs: list[str]) -> None:
+        """Remove the blobs named by *refs* (those already gone are skipped)."""
+        self.packs.delete_many([ref for ref in refs if not _is_digest(ref)])
+        for ref in refs:
+            if _is_digest(ref):
+                self._legacy_path(ref).unlink(missing_ok=True)
+
+    def _legacy_path(self, digest: str) -> Path:
+        path = self.root / digest[:2] / digest
+        if path.exists():
+            return path
+        return self.root / digest[:2] / digest[2:4] / digest
+
+
+def _is_digest(ref: str) -> bool:
+    return len(ref) == 64 and all(c in "0123456789abcdef" for c in ref)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import mmap
 import os
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 # O_DIRECT transfers need buffer address, length and file offset aligned to the device's
@@ -32,47 +30,6 @@ def atomic_write(path: Path, data: bytes | bytearray | memoryview, *, mode: int 
     os.close(fd)
     os.replace(tmp, path)
     fsync_dir(folder)
-
-
-_SYNC_THREADS = 8
-
-
-def atomic_write_many(
-    items: Sequence[tuple[Path, bytes | bytearray | memoryview]], *, mode: int = 0o600
-) -> None:
-    """:func:`atomic_write` for several files, with their syncs issued concurrently.
-
-    Every file is written to its temporary name first; then all are fsynced at once from a
-    few threads (the file system commits concurrent syncs together: on ext4 one journal
-    commit covers them, where one file after another costs a commit each, and every commit
-    is disk time the receive path's own fsyncs wait behind), renamed, and each folder is
-    fsynced once. On an error no temporary file is left behind; files already renamed
-    stay (each is whole and durable once its folder is synced).
-    """
-    if len(items) <= 1:
-        for path, data in items:
-            atomic_write(path, data, mode=mode)
-        return
-    pending: list[tuple[int, Path, Path]] = []
-    try:
-        for path, data in items:
-            tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-            pending.append((fd, tmp, path))
-            _write_all(fd, memoryview(data))
-        with ThreadPoolExecutor(min(_SYNC_THREADS, len(pending))) as pool:
-            list(pool.map(os.fsync, [fd for fd, _, _ in pending]))
-    except BaseException:
-        for fd, tmp, _ in pending:
-            os.close(fd)
-            tmp.unlink(missing_ok=True)
-        raise
-    for fd, tmp, path in pending:
-        os.close(fd)
-        os.replace(tmp, path)
-    folders = sorted({path.parent for _, _, path in pending})
-    with ThreadPoolExecutor(min(_SYNC_THREADS, len(folders))) as pool:
-        list(pool.map(fsync_dir, folders))
 
 
 class AlignedBuffer:

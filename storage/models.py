@@ -72,7 +72,8 @@ class Instance(Base):
     size_bytes: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16), index=True)
     spool_name: Mapped[str | None] = mapped_column(String(128))
-    blob_digest: Mapped[str | None] = mapped_column(String(64))
+    blob_ref: Mapped[str | None] = mapped_column(String(128))
+    """Where its de-identified bytes are in the blob store (:mod:`storage.blobs`)."""
     reject_reason: Mapped[str | None] = mapped_column(Text)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow, onupdate=utcnow)
@@ -106,7 +107,7 @@ class Series(Base):
 
 
 class DeidInstance(Base):
-    """A de-identified instance in the blob store (content-addressed by SHA-256)."""
+    """A de-identified instance in the blob store (:mod:`storage.blobs`)."""
 
     __tablename__ = "deid_instances"
 
@@ -114,7 +115,7 @@ class DeidInstance(Base):
     study_key: Mapped[str] = mapped_column(ForeignKey("studies.study_key"), index=True)
     series_key: Mapped[str] = mapped_column(ForeignKey("series.series_key"), index=True)
     sop_class_uid: Mapped[str] = mapped_column(String(64))
-    blob_digest: Mapped[str] = mapped_column(String(64))
+    blob_ref: Mapped[str] = mapped_column(String(128), index=True)
     size_bytes: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 

@@ -1,5 +1,8 @@
 """The encrypted spool: raw received bytes, AES-256-GCM, until de-identification.
 
+(The blob store keeps the de-identified instances in a spool of its own, with its own key:
+:mod:`storage.blobs`.)
+
 Items are appended as records to *segment* files, one open segment per concurrent writer of
 a process (a *lane*), and named by a locator ``<segment>@<offset>+<length>``. A record is a
 header (magic, ciphertext length, time written, nonce), the ciphertext with its tag, and
@@ -113,8 +116,10 @@ class Spool:
         *,
         rotate_seconds: float = 600,
         rotate_bytes: int = 1 << 30,
+        name: str = "spool",
     ) -> None:
         self.root = root
+        self._name = name  # what its errors call it
         self._aead = AESGCM(key)
         self._scratch = threading.local()
         self._rotate_seconds = rotate_seconds
@@ -157,7 +162,7 @@ class Spool:
                 segment.end += extent
                 segment.writers += 1
         except OSError as exc:
-            raise SpoolError(f"cannot open a spool segment: {exc.strerror}") from exc
+            raise SpoolError(f"cannot open a {self._name} segment: {exc.strerror}") from exc
         try:
             nonce = os.urandom(NONCE_BYTES)
             header = _HEADER.pack(LIVE, length, time.time(), nonce)
@@ -175,7 +180,7 @@ class Spool:
                 _discard_range(segment.fd, offset, extent, [offset])  # no half-written record
             except OSError:
                 pass  # unreadable anyway; the orphan sweep removes it
-            raise SpoolError(f"cannot write to the spool: {exc.strerror}") from exc
+            raise SpoolError(f"cannot write to the {self._name}: {exc.strerror}") from exc
         finally:
             with self._lock:
                 segment.writers -= 1
@@ -201,7 +206,7 @@ class Spool:
                         segment.dirty = True
                     for segment in new:
                         segment.new = True
-                raise SpoolError(f"cannot sync the spool: {exc.strerror}") from exc
+                raise SpoolError(f"cannot sync the {self._name}: {exc.strerror}") from exc
             with self._lock:
                 done = [s for s in self._segments if s.retired and not s.writers and not s.dirty]
                 self._segments = [s for s in self._segments if s not in done]
@@ -286,19 +291,19 @@ class Spool:
             finally:
                 os.close(fd)
         except OSError as exc:
-            raise SpoolError(f"cannot read spool item: {exc.strerror}") from exc
+            raise SpoolError(f"cannot read {self._name} item: {exc.strerror}") from exc
         if len(blob) < _HEADER.size:
-            raise IntegrityError("spool item is missing")
+            raise IntegrityError(f"{self._name} item is missing")
         magic, stored, _, nonce = _HEADER.unpack_from(blob)
         if magic != LIVE or stored != length or len(blob) != _HEADER.size + length:
-            raise IntegrityError("spool item is missing or has no fednode header")
+            raise IntegrityError(f"{self._name} item is missing or has no fednode header")
         try:
             return self._aead.decrypt(
                 nonce, blob[_HEADER.size :], _aad(segment, offset, blob[: _HEADER.size])
             )
         except InvalidTag as exc:
             raise IntegrityError(
-                "spool item failed authentication (wrong key or tampered)"
+                f"{self._name} item failed authentication (wrong key or tampered)"
             ) from exc
 
     def exists(self, locator: str) -> bool:
@@ -309,7 +314,7 @@ class Spool:
         except FileNotFoundError:
             return False
         except OSError as exc:
-            raise SpoolError(f"cannot read spool item: {exc.strerror}") from exc
+            raise SpoolError(f"cannot read {self._name} item: {exc.strerror}") from exc
         try:
             header = os.pread(fd, _HEADER.size, offset)
         finally:
@@ -341,7 +346,7 @@ class Spool:
             except FileNotFoundError:
                 continue
             except OSError as exc:
-                raise SpoolError(f"cannot delete spool item: {exc.strerror}") from exc
+                raise SpoolError(f"cannot delete {self._name} item: {exc.strerror}") from exc
             try:
                 runs: list[tuple[int, int, list[int]]] = []  # adjacent live records
                 for offset, length in sorted(set(records)):
@@ -349,7 +354,9 @@ class Spool:
                     if len(header) < _HEADER.size or header[:4] != LIVE:
                         continue  # gone already
                     if _HEADER.unpack(header)[1] != length:
-                        raise SpoolError("spool locator does not match the record it points at")
+                        raise SpoolError(
+                            f"{self._name} locator does not match the record it points at"
+                        )
                     end = offset + _extent(length)
                     if runs and runs[-1][1] == offset:
                         runs[-1] = (runs[-1][0], end, [*runs[-1][2], offset])
@@ -358,7 +365,7 @@ class Spool:
                 for start, end, offsets in runs:
                     _discard_range(fd, start, end - start, offsets)
             except OSError as exc:
-                raise SpoolError(f"cannot delete spool item: {exc.strerror}") from exc
+                raise SpoolError(f"cannot delete {self._name} item: {exc.strerror}") from exc
             finally:
                 os.close(fd)
 
@@ -368,10 +375,15 @@ class Spool:
         """The locators of every live record."""
         return sorted(r.locator for r in self._records())
 
-    def names_older_than(self, seconds: float) -> list[str]:
-        """The locators of live records written more than *seconds* ago."""
+    def names_older_than(
+        self, seconds: float, *, modified_within: float | None = None
+    ) -> list[str]:
+        """The locators of live records written more than *seconds* ago; with
+        *modified_within*, only those of segments written to in that many seconds."""
         cutoff = time.time() - seconds
-        return sorted(r.locator for r in self._records() if r.written_at < cutoff)
+        records = self._records(None if modified_within is None
+                                else time.time() - modified_within)
+        return sorted(r.locator for r in records if r.written_at < cutoff)
 
     def stats(self) -> SpoolStats:
         count = total = 0
@@ -415,13 +427,15 @@ class Spool:
             if entry.name.startswith(SEGMENT_PREFIX)
         )
 
-    def _records(self) -> Iterator[_Record]:
+    def _records(self, modified_since: float | None = None) -> Iterator[_Record]:
         for path in self._segment_paths():
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except FileNotFoundError:
                 continue  # removed meanwhile
             try:
+                if modified_since is not None and os.fstat(fd).st_mtime < modified_since:
+                    continue
                 yield from _scan(fd, path.name)
             finally:
                 os.close(fd)

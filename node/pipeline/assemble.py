@@ -82,7 +82,7 @@ def _complete_one(
     headers: dict[str, Dataset] = {}
     for inst in instances:
         try:
-            headers[inst.sop_key] = read_header(ctx.blobs, inst.blob_digest)
+            headers[inst.sop_key] = read_header(ctx.blobs, inst.blob_ref)
         except (StorageError, StudyDataError) as exc:
             logger.warning(
                 "study %s: instance %s not offered to tasks: %s",

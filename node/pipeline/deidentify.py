@@ -9,16 +9,17 @@ For one received instance (:class:`~node.jobs.DeidentifyPayload`) the handler
    audit record, and its job completes;
 3. checks the residue: no value of an identifying attribute of the input may appear in the
    output header, else the job is dead-lettered naming the attributes (never their values);
-4. stores the output in the content-addressed blob store;
+4. stores the output in the blob store (:mod:`storage.blobs`);
 5. in one transaction: upserts the study (``receiving``, ``last_received_at``, a ``complete``
    study is re-opened with its version incremented), the series (modality, body part, view
    position from the de-identified header) and ``deid_instances``; writes the vault records;
-   marks the instance ``deidentified`` with its blob digest; appends the audit record;
+   marks the instance ``deidentified`` with its blob reference; appends the audit record;
 6. deletes the spool item, only after the commit.
 
-Every step is idempotent: a job that runs again after a crash finds the blob already stored,
-upserts the same rows, or finds the instance ``deidentified`` and only removes a spool item
-that a crash left behind. Rejected instances keep their encrypted spool item for
+Every step is idempotent: a job that runs again after a crash stores the blob again (the
+record a crash left without a row is removed by :func:`sweep_orphan_blobs`), upserts the same
+rows, or finds the instance ``deidentified`` and only removes a spool item that a crash left
+behind. Rejected instances keep their encrypted spool item for
 ``[spool] reject_retention_hours``; :func:`sweep_rejected` (a periodic worker sweep) removes
 it after that.
 """
@@ -66,8 +67,13 @@ logger = logging.getLogger(__name__)
 SWEEP_SECONDS = 600.0
 """How often the workers look for rejected instances whose retention has passed, and for
 orphan spool items."""
-# A spool item no row names is an orphan once this old (see remove_orphan_spool).
+# A spool item or blob no row names is an orphan once this old (see remove_orphan_spool).
 ORPHAN_AGE_SECONDS = 3600.0
+BLOB_SWEEP_SECONDS = 3600.0
+"""How often the workers look for orphan blobs (:func:`remove_orphan_blobs`)."""
+BLOB_SWEEP_WINDOW_SECONDS = 3 * 24 * 3600.0
+"""The blob sweep reads the packs written to in this window only: an orphan blob is written
+(by a worker killed before its commit) into the pack the worker was appending to."""
 _IN_CHUNK = 500
 BATCH_JOBS = 64
 """Most ``deidentify`` jobs a worker leases and records in one go (see deidentify_batch)."""
@@ -106,7 +112,11 @@ def deidentify_job(job: Job, payload: DeidentifyPayload, ctx: JobContext) -> Non
     item = _guarded(job, ctx, payload.instance_id,
                     partial(_prepare, ctx, payload.instance_id, rows.get(payload.instance_id)))
     if item is not None:
-        _guarded(job, ctx, item.instance_id, partial(_commit, ctx, [item]))
+        try:
+            _guarded(job, ctx, item.instance_id, partial(_commit, ctx, [item]))
+        except Exception as exc:
+            _discard_blobs(ctx, [item], exc)
+            raise
         _finish(ctx, [item])
 
 
@@ -115,8 +125,8 @@ def deidentify_batch(
     jobs: list[tuple[Job, DeidentifyPayload]], ctx: JobContext
 ) -> list[Outcome]:
     """Handle up to :data:`BATCH_JOBS` ``deidentify`` jobs: each instance is de-identified
-    as by :func:`deidentify_job`, the batch's blobs are stored with their syncs issued
-    together (:meth:`storage.blobs.BlobStore.put_many`), then every instance of the batch is
+    as by :func:`deidentify_job`, the batch's blobs are stored and made durable together
+    (:meth:`storage.blobs.BlobStore.put_many`: one sync), then every instance of the batch is
     recorded in **one** transaction (one turn of SQLite's write lock and one commit for the
     batch, instead of one per instance, while the SCP's commits wait for the same lock).
 
@@ -142,15 +152,15 @@ def deidentify_batch(
             ready.append((i, job, item))
     if not ready:
         return outcomes
-    try:  # the batch's blobs are synced together, not one fsync pair per instance
-        digests = ctx.blobs.put_many([item.result.data for _, _, item in ready])
+    try:  # the batch's blobs are synced together, not one sync per instance
+        refs = ctx.blobs.put_many([item.result.data for _, _, item in ready])
     except StorageError as exc:
         for i, job, item in ready:
             outcomes[i] = exc
             _mark_failed_if_last(job, ctx, item.instance_id)
         return outcomes
-    ready = [(i, job, dataclasses.replace(item, digest=digest))
-             for (i, job, item), digest in zip(ready, digests, strict=True)]
+    ready = [(i, job, dataclasses.replace(item, blob_ref=ref))
+             for (i, job, item), ref in zip(ready, refs, strict=True)]
     try:  # the jobs are completed in the transaction that records them
         completed = _commit(ctx, [item for _, _, item in ready], [job for _, job, _ in ready])
         committed = ready
@@ -160,7 +170,7 @@ def deidentify_batch(
         for i, job, item in ready:
             outcomes[i] = exc
             _mark_failed_if_last(job, ctx, item.instance_id)
-        return outcomes
+        return outcomes  # their blobs stay: the commit may have landed
     except Exception:
         committed = []
         for i, job, item in ready:
@@ -168,6 +178,7 @@ def deidentify_batch(
                 _guarded(job, ctx, item.instance_id, partial(_commit, ctx, [item]))
             except Exception as exc:
                 outcomes[i] = exc
+                _discard_blobs(ctx, [item], exc)
             else:
                 committed.append((i, job, item))
     try:
@@ -207,7 +218,7 @@ class _Prepared:
     series_key: str
     spool_name: str
     result: DeidResult
-    digest: str
+    blob_ref: str
 
 
 _InstanceRow = Row[int, str, str | None, str, str, str, str]
@@ -235,7 +246,7 @@ def _prepare(
 ) -> _Prepared | None:
     """Steps 1-4 for the instance whose ``instances`` row is *row* (:func:`_load_rows`; no
     write transaction); ``None`` when nothing is left to record. Without *store_blob* the
-    caller stores the blob (``digest`` is empty until then)."""
+    caller stores the blob (``blob_ref`` is empty until then)."""
     if row is None:
         raise PermanentJobError(f"instance {instance_id} does not exist")
     _, state, spool_name, syntax, sop_key, study_key, series_key = row
@@ -270,8 +281,8 @@ def _prepare(
         raise PermanentJobError(
             f"instance {instance_id}: the dataset's UIDs differ from those it was received under"
         )
-    digest = ctx.blobs.put(result.data) if store_blob else ""
-    return _Prepared(instance_id, study_key, series_key, spool_name, result, digest)
+    ref = ctx.blobs.put(result.data) if store_blob else ""
+    return _Prepared(instance_id, study_key, series_key, spool_name, result, ref)
 
 
 def _commit(
@@ -370,14 +381,14 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
                 "study_key": item.study_key,
                 "series_key": item.series_key,
                 "sop_class_uid": item.result.sop_class_uid,
-                "blob_digest": item.digest,
+                "blob_ref": item.blob_ref,
                 "size_bytes": len(item.result.data),
                 "created_at": now,
             }
             for item in items
         ],
         key="sop_key",
-        update_from_row=("blob_digest", "size_bytes"),
+        update_from_row=("blob_ref", "size_bytes"),
     )
     vault.store_many(
         ctx.db,
@@ -394,11 +405,11 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
         .where(Instance.id == bindparam("b_id"))
         .values(
             state=InstanceState.DEIDENTIFIED.value,
-            blob_digest=bindparam("b_digest"),
+            blob_ref=bindparam("b_ref"),
             reject_reason=None,
             updated_at=now,
         ),
-        [{"b_id": item.instance_id, "b_digest": item.digest} for item in items],
+        [{"b_id": item.instance_id, "b_ref": item.blob_ref} for item in items],
     )
     conn.execute(
         insert(AuditEvent),
@@ -412,7 +423,7 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
                     "sop_key": item.result.sop_key,
                     "study_key": item.study_key,
                     "series_key": item.series_key,
-                    "blob": item.digest,
+                    "blob": item.blob_ref,
                     "methods": [c.value for c in item.result.options],
                     "pixel_rule": item.result.pixel_rule,
                 },
@@ -420,6 +431,19 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             for item in items
         ],
     )
+
+
+def _discard_blobs(ctx: JobContext, items: list[_Prepared], error: Exception) -> None:
+    """Remove the blobs of *items*, whose transaction failed with *error* (no row names
+    them; the job's retry stores its blob again). After a :class:`StorageError` the outcome
+    of the commit is unknown: the rows may have landed, so the blobs stay, and
+    :func:`sweep_orphan_blobs` removes them later if no row names them."""
+    if isinstance(error, StorageError):
+        return
+    try:
+        ctx.blobs.delete_many([item.blob_ref for item in items if item.blob_ref])
+    except StorageError as exc:
+        logger.warning("could not remove the blobs of a failed transaction: %s", exc)
 
 
 def _finish(ctx: JobContext, items: list[_Prepared]) -> None:
@@ -459,7 +483,7 @@ def warm_up(ctx: JobContext) -> None:
     )
     try:
         with ctx.db.transaction() as conn:
-            _record_batch(conn, ctx, [_Prepared(-1, key, key, "", result, "0" * 64)])
+            _record_batch(conn, ctx, [_Prepared(-1, key, key, "", result, key)])
             raise _RolledBack
     except _RolledBack:
         pass
@@ -530,6 +554,45 @@ def remove_orphan_spool(ctx: JobContext, *, older_than_seconds: float = ORPHAN_A
     segments = ctx.spool.remove_empty_segments(older_than_seconds)
     if segments:
         logger.info("removed %d empty spool segment(s)", segments)
+    return removed
+
+
+@periodic("blobs-sweep-orphans", BLOB_SWEEP_SECONDS, kind=JobKind.DEIDENTIFY)
+def sweep_orphan_blobs(ctx: JobContext) -> None:
+    """Periodic worker sweep: :func:`remove_orphan_blobs` every ``BLOB_SWEEP_SECONDS``."""
+    remove_orphan_blobs(ctx)
+
+
+def remove_orphan_blobs(
+    ctx: JobContext,
+    *,
+    older_than_seconds: float = ORPHAN_AGE_SECONDS,
+    window_seconds: float = BLOB_SWEEP_WINDOW_SECONDS,
+) -> int:
+    """Delete blobs that no ``deid_instances`` row names, once older than
+    *older_than_seconds*, from the packs written to in the last *window_seconds*; return
+    how many.
+
+    Orphan blobs come from a worker killed between storing a batch's blobs and committing
+    its rows, or from a commit whose outcome was unknown and that did not land (the job's
+    retry stores the blob again). The age guard keeps a blob whose row is being committed.
+    """
+    removed = 0
+    packs = ctx.blobs.packs
+    candidates = packs.names_older_than(older_than_seconds, modified_within=window_seconds)
+    for start in range(0, len(candidates), _IN_CHUNK):
+        chunk = candidates[start : start + _IN_CHUNK]
+        with ctx.db.read() as conn:
+            needed = set(
+                conn.execute(
+                    select(DeidInstance.blob_ref).where(DeidInstance.blob_ref.in_(chunk))
+                ).scalars()
+            )
+        orphans = [ref for ref in chunk if ref not in needed]
+        packs.delete_many(orphans)
+        removed += len(orphans)
+    if removed:
+        logger.info("removed %d orphan blob(s)", removed)
     return removed
 
 

@@ -116,7 +116,7 @@ def _images(
         if inst.sop_key not in originals:
             continue
         try:
-            headers[inst.sop_key] = read_header(ctx.blobs, inst.blob_digest)
+            headers[inst.sop_key] = read_header(ctx.blobs, inst.blob_ref)
         except (StorageError, StudyDataError) as exc:
             logger.warning(
                 "study %s: instance %s not read: %s",

@@ -84,7 +84,7 @@ def labelled_studies(
         accepted = []
         for inst in stored[key]:
             try:
-                header = read_header(blobs, inst.blob_digest)
+                header = read_header(blobs, inst.blob_ref)
             except (StorageError, StudyDataError) as exc:
                 logger.warning("study %s: instance %s unreadable: %s", short_key(key),
                                short_key(inst.sop_key), exc, extra={"study_key": key})
@@ -104,7 +104,7 @@ class StudyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     """Labelled studies as ``(input, target)`` pairs: the task's preprocessed input
     (``float32``, the task's input shape) and the class index as a ``float32`` scalar.
 
-    Instances are read from the blob store (digest verified) and preprocessed on first access;
+    Instances are read from the blob store (authenticated) and preprocessed on first access;
     with *cache* the inputs are kept in memory (a 64x64 input is 16 KiB).
     """
 
@@ -125,7 +125,7 @@ class StudyDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return len(self.studies)
 
     def datasets(self, index: int) -> list[DicomDataset]:
-        return [read_instance(self.blobs, i.blob_digest) for i in self.studies[index].instances]
+        return [read_instance(self.blobs, i.blob_ref) for i in self.studies[index].instances]
 
     def input(self, index: int) -> torch.Tensor:
         """The preprocessed input of study *index*.

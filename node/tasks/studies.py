@@ -24,7 +24,6 @@ from node.errors import NodeError, PluginError
 from node.logs import short_key
 from plugins.base import TaskPlugin, TaskPluginError
 from storage.blobs import BlobStore
-from storage.errors import StorageError
 from storage.models import DeidInstance, Study
 
 if TYPE_CHECKING:
@@ -55,7 +54,7 @@ class StoredInstance:
     sop_key: str
     series_key: str
     sop_class_uid: str
-    blob_digest: str
+    blob_ref: str
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ def instances_of(session: Session, study_key: str) -> list[StoredInstance]:
             DeidInstance.sop_key,
             DeidInstance.series_key,
             DeidInstance.sop_class_uid,
-            DeidInstance.blob_digest,
+            DeidInstance.blob_ref,
         )
         .where(DeidInstance.study_key == study_key)
         .order_by(DeidInstance.created_at, DeidInstance.sop_key)
@@ -85,27 +84,22 @@ def instances_of(session: Session, study_key: str) -> list[StoredInstance]:
     return [StoredInstance(*row) for row in rows]
 
 
-def read_header(blobs: BlobStore, digest: str) -> Dataset:
-    """The header of a stored instance, without reading its pixel data."""
-    try:
-        return dcmread(blobs.path(digest), stop_before_pixels=True)
-    except FileNotFoundError as exc:
-        raise StorageError(f"blob {digest[:12]} is missing") from exc
-    except (InvalidDicomError, ValueError, EOFError, OSError) as exc:
-        raise StudyDataError(
-            f"blob {digest[:12]} is not readable DICOM: {type(exc).__name__}"
-        ) from exc
+def read_header(blobs: BlobStore, ref: str) -> Dataset:
+    """The header of a stored instance (its pixel data is not parsed)."""
+    return _parse(blobs, ref, stop_before_pixels=True)
 
 
-def read_instance(blobs: BlobStore, digest: str) -> Dataset:
-    """A stored instance with its pixel data (the blob's digest is verified)."""
-    data = blobs.get(digest)
+def read_instance(blobs: BlobStore, ref: str) -> Dataset:
+    """A stored instance with its pixel data."""
+    return _parse(blobs, ref, stop_before_pixels=False)
+
+
+def _parse(blobs: BlobStore, ref: str, *, stop_before_pixels: bool) -> Dataset:
+    data = blobs.get(ref)  # authenticated (or, stored by an earlier build, digest-verified)
     try:
-        return dcmread(BytesIO(data))
+        return dcmread(BytesIO(data), stop_before_pixels=stop_before_pixels)
     except (InvalidDicomError, ValueError, EOFError) as exc:
-        raise StudyDataError(
-            f"blob {digest[:12]} is not readable DICOM: {type(exc).__name__}"
-        ) from exc
+        raise StudyDataError(f"blob {ref} is not readable DICOM: {type(exc).__name__}") from exc
 
 
 def safe_accepts(plugin: TaskPlugin, header: Dataset) -> bool:
@@ -170,7 +164,7 @@ def preprocess(plugin: TaskPlugin, datasets: Sequence[Dataset]) -> np.ndarray:
 
 def study_datasets(blobs: BlobStore, instances: Iterable[StoredInstance]) -> list[Dataset]:
     """The full de-identified datasets of *instances*."""
-    return [read_instance(blobs, inst.blob_digest) for inst in instances]
+    return [read_instance(blobs, inst.blob_ref) for inst in instances]
 
 
 def current_version(session: Session, study_key: str) -> int | None:

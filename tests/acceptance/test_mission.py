@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from io import BytesIO
 from pathlib import Path
 
 import highdicom
@@ -142,14 +143,15 @@ def test_study_in_encrypted_inference_sr_back_in_the_pacs(tmp_path: Path) -> Non
 
     settings = node.settings()
     db = Database(settings.database_url)
-    site = node.keys().site
+    keys = node.keys()
+    site = keys.site
     study_key = uid_pseudonym(site, study.study_instance_uid)
     with db.session() as s:
         result = s.execute(select(Result).where(Result.study_key == study_key)).scalar_one()
         report = s.execute(select(Report)).scalar_one()
         row = s.get(Study, study_key)
         sop_keys = list(s.execute(select(DeidInstance.sop_key)).scalars())
-        digests = list(s.execute(select(DeidInstance.blob_digest)).scalars())
+        refs = list(s.execute(select(DeidInstance.blob_ref)).scalars())
         series = list(s.execute(select(Series.series_key)).scalars())
     db.dispose()
     assert report.state == "exported" and result.probability is not None
@@ -164,7 +166,7 @@ def test_study_in_encrypted_inference_sr_back_in_the_pacs(tmp_path: Path) -> Non
     assert result.model_id is not None and result.model_id.encode() in received.read_bytes()
 
     # No pseudonym of the node: keys, tokens and the de-identified header's identifiers.
-    deid = dcmread(BlobStore(settings.blob_dir).path(digests[0]))
+    deid = dcmread(BytesIO(BlobStore(settings.blob_dir, keys.blobs).get(refs[0])))
     assert deid.PatientID != original.PatientID
     pseudonyms = [study_key, *sop_keys, *series, str(deid.PatientID), str(deid.PatientName),
                   str(deid.StudyInstanceUID), token(site, "patient-id", str(original.PatientID))]

@@ -104,9 +104,9 @@ def test_same_bytes_as_the_pipeline(tmp_path: Path) -> None:
         from storage.models import Instance
 
         row = s.get(Instance, instance_id)
-        assert row is not None and row.blob_digest is not None
-        digest = row.blob_digest
-    assert ctx.blobs.get(digest) == written.read_bytes()
+        assert row is not None and row.blob_ref is not None
+        ref = row.blob_ref
+    assert ctx.blobs.get(ref) == written.read_bytes()
 
 
 def test_fednode_deid_as_a_subprocess(tmp_path: Path) -> None:

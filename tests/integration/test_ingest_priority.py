@@ -268,43 +268,6 @@ def test_a_batch_killed_mid_way_loses_nothing_and_records_each_instance_once(
         assert not ctx.spool.exists(r.spool_name)
 
 
-def test_blobs_stored_together_are_whole_and_leave_no_temporary_file(tmp_path: Path) -> None:
-    from storage.blobs import BlobStore
-
-    blobs = BlobStore(tmp_path / "blobs")
-    datas = [os.urandom(1000 + i) for i in range(5)] + [b"same", b"same"]
-    digests = blobs.put_many(datas)
-    assert len(digests) == 7 and digests[5] == digests[6]
-    assert [blobs.get(d) for d in digests] == datas
-    assert blobs.put_many(datas) == digests  # idempotent
-    leftovers = [p for p in (tmp_path / "blobs").rglob("*") if p.name.endswith(".tmp")]
-    assert leftovers == []
-
-
-def test_blobs_go_to_one_folder_level_and_the_earlier_layout_is_still_read(
-    tmp_path: Path,
-) -> None:
-    from storage.blobs import BlobStore
-
-    root = tmp_path / "blobs"
-    blobs = BlobStore(root)
-    [digest] = blobs.put_many([b"new layout"])
-    assert blobs.path(digest) == root / digest[:2] / digest
-    assert blobs.put(b"single") == blobs.put(b"single")
-    # A blob an earlier build stored under root/ab/cd/<digest> is found where it is.
-    import hashlib
-
-    old = b"stored by an earlier build"
-    old_digest = hashlib.sha256(old).hexdigest()
-    legacy = root / old_digest[:2] / old_digest[2:4] / old_digest
-    legacy.parent.mkdir(parents=True)
-    legacy.write_bytes(old)
-    assert blobs.exists(old_digest) and blobs.path(old_digest) == legacy
-    assert blobs.get(old_digest) == old
-    assert blobs.put_many([old]) == [old_digest]  # stored already: not written again
-    assert not (root / old_digest[:2] / old_digest).exists()
-
-
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
 def test_the_scp_commit_tells_the_workers_that_receive_is_under_way(
     tmp_path: Path, database: str, request: pytest.FixtureRequest

@@ -123,7 +123,7 @@ class DeidStore:
         buf = BytesIO()
         deid.save_as(buf, enforce_file_format=True)
         data = buf.getvalue()
-        digest = self.ctx.blobs.put(data)
+        ref = self.ctx.blobs.put(data)
         study_key = str(deid.StudyInstanceUID)
         series_key = str(deid.SeriesInstanceUID)
         sop_key = str(deid.SOPInstanceUID)
@@ -174,20 +174,20 @@ class DeidStore:
                         calling_ae="TEST",
                         size_bytes=len(data),
                         state=InstanceState.DEIDENTIFIED.value,
-                        blob_digest=digest,
+                        blob_ref=ref,
                         received_at=at,
                     )
                 )
             else:
                 instance.state = InstanceState.DEIDENTIFIED.value
-                instance.blob_digest = digest
+                instance.blob_ref = ref
             s.add(
                 DeidInstance(
                     sop_key=sop_key,
                     study_key=study_key,
                     series_key=series_key,
                     sop_class_uid=str(ds.SOPClassUID),
-                    blob_digest=digest,
+                    blob_ref=ref,
                     size_bytes=len(data),
                     created_at=at,
                 )
