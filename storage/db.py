@@ -61,6 +61,7 @@ class Database:
         if self.dialect == "sqlite":
             _configure_sqlite(self.engine, busy_timeout_ms)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._prepared: dict[Any, Prepared] = {}
 
     @property
     def is_postgresql(self) -> bool:
@@ -229,14 +230,38 @@ class Database:
         """
         if not rows:
             return
+        if update:  # fixed values: built for this call
+            conn.execute(self._upsert_stmt(table, key, update_from_row, update),
+                         [dict(row) for row in rows])
+            return
+        columns = tuple(rows[0])
+        cache_key = ("upsert", table, key, tuple(update_from_row), columns)
+        prepared = self._prepared.get(cache_key)
+        if prepared is None:
+            stmt = self._upsert_stmt(table, key, update_from_row, None).values(
+                {name: bindparam(name) for name in columns})
+            target = inspect(table).local_table if hasattr(table, "__mapper__") else table
+            prepared = self._prepared[cache_key] = Prepared(self, stmt, table=target)
+        prepared.run_many(conn, rows)
+
+    def _upsert_stmt(self, table: Any, key: str, update_from_row: Sequence[str],
+                     update: Mapping[str, Any] | None) -> Any:
         stmt = (postgresql if self.is_postgresql else sqlite).insert(table)
         set_ = {column: stmt.excluded[column] for column in update_from_row}
         set_.update(update or {})
         if set_:
-            stmt = stmt.on_conflict_do_update(index_elements=[key], set_=set_)
-        else:
-            stmt = stmt.on_conflict_do_nothing(index_elements=[key])
-        conn.execute(stmt, [dict(row) for row in rows])
+            return stmt.on_conflict_do_update(index_elements=[key], set_=set_)
+        return stmt.on_conflict_do_nothing(index_elements=[key])
+
+    def prepared(self, key: Any, build: Any) -> Prepared:
+        """The :class:`Prepared` statement cached under *key*, built by ``build()`` (a
+        SQLAlchemy statement, or a ``(statement, table)`` pair) the first time."""
+        prepared = self._prepared.get(key)
+        if prepared is None:
+            built = build()
+            stmt, table = built if isinstance(built, tuple) else (built, None)
+            prepared = self._prepared[key] = Prepared(self, stmt, table=table)
+        return prepared
 
     def table_names(self) -> list[str]:
         return inspect(self.engine).get_table_names()
@@ -247,65 +272,90 @@ class Database:
             self.turn.close()
 
 
-class PreparedInsert:
-    """``INSERT … ON CONFLICT DO NOTHING RETURNING id`` into *table*, compiled once for the
-    database's dialect and run on the DBAPI cursor of a transaction opened with
-    :meth:`Database.transaction` or :meth:`Database.session`.
+class Prepared:
+    """A SQLAlchemy statement compiled once for the database's dialect and run on the DBAPI
+    cursor of a transaction opened with :meth:`Database.transaction` or
+    :meth:`Database.session`.
 
-    For the C-STORE path only, where SQLAlchemy's per-execution machinery (cache lookup,
-    parameter processing, result wrapping) cost more than the insert itself. Values go
-    through each column type's own bind processor, so what is stored is exactly what an ORM
-    insert would store.
+    For the node's hot paths (the C-STORE commit, a worker's batch), where SQLAlchemy's
+    per-execution machinery (statement construction, cache lookup, parameter processing,
+    result wrapping) cost more than the SQL itself, and on SQLite every millisecond of it is
+    spent holding the write lock. Values go through each parameter's own type (its bind
+    processor), so what is stored is exactly what SQLAlchemy would store. Parameters are
+    the statement's ``bindparam`` names; a parameter the caller does not give takes the
+    value the statement was built with, or the Python-side default of the column of
+    *table* it fills (an insert's ``created_at``, an update's ``onupdate`` ``updated_at``).
+    Statements with expanding (``IN``) parameters are not supported: run one statement per
+    row instead.
     """
 
-    def __init__(
-        self, db: Database, table: FromClause, columns: Sequence[str], conflict: str
-    ) -> None:
+    def __init__(self, db: Database, stmt: Any, *, table: FromClause | None = None) -> None:
         dialect = db.engine.dialect
-        stmt = _conflict_insert(
-            db, table, {name: bindparam(name) for name in columns}, conflict, None
-        ).returning(table.c.id)
         compiled = stmt.compile(dialect=dialect)
         self.sql = compiled.string
         self._positional = compiled.positional
-        # Every parameter the statement takes (the named columns, then defaulted ones).
         names = compiled.positiontup if compiled.positional else None
         self._order: tuple[str, ...] = tuple(names or compiled.params)
-        self._process = {
-            name: table.c[name].type.dialect_impl(dialect).bind_processor(dialect)
-            for name in self._order
-        }
-        # Columns the statement fills from their Python-side default (timestamps ...).
+        self._process: dict[str, Any] = {}
+        self._fixed: dict[str, Any] = {}
         self._defaults: dict[str, Any] = {}
         for name in self._order:
-            if name in columns:
-                continue
-            default = table.c[name].default
-            if default is None or not (default.is_scalar or default.is_callable):
-                raise ValueError(f"column {name} needs a value or a Python-side default")
-            self._defaults[name] = default
+            bind = compiled.binds[name]
+            self._process[name] = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            column = table.c.get(name) if table is not None else None
+            default = None
+            if column is not None:  # what SQLAlchemy fills in: onupdate in an UPDATE
+                default = column.onupdate if compiled.isupdate else column.default
+            if default is not None and (default.is_scalar or default.is_callable):
+                self._defaults[name] = default
+            elif not bind.required:
+                self._fixed[name] = bind.effective_value
+        self.returns_rows = bool(stmt.is_select or compiled.effective_returning)
         self._dialect = db.dialect
         self._errors = dialect.loaded_dbapi.Error
         self._integrity = dialect.loaded_dbapi.IntegrityError
 
-    def __call__(self, conn: Connection | Session, values: Mapping[str, Any]) -> int | None:
-        """Insert *values*; return the new id, ``None`` on a conflict."""
-        if isinstance(conn, Session):
-            conn = conn.connection()
+    def _args(self, values: Mapping[str, Any]) -> Any:
         params = {}
         for name, process in self._process.items():
-            default = self._defaults.get(name)
-            if default is None:
+            if name in values:
                 value = values[name]
-            else:
+            elif name in self._defaults:
+                default = self._defaults[name]
                 value = default.arg(None) if default.is_callable else default.arg
+            elif name in self._fixed:
+                value = self._fixed[name]
+            else:
+                raise KeyError(f"no value for parameter {name!r} of a prepared statement")
             params[name] = process(value) if process is not None else value
-        args: Any = tuple(params[n] for n in self._order) if self._positional else params
+        return tuple(params[n] for n in self._order) if self._positional else params
+
+    def run(self, conn: Connection | Session, values: Mapping[str, Any] | None = None
+            ) -> tuple[int, list[tuple[Any, ...]]]:
+        """Execute once with *values*; return the row count and the rows it returned, as
+        the driver returns them (no result processing: select plain columns)."""
+        args = self._args(values or {})
+        with self._cursor(conn) as cursor:
+            cursor.execute(self.sql, args)
+            rows = [tuple(r) for r in cursor.fetchall()] if self.returns_rows else []
+            return cursor.rowcount, rows
+
+    def run_many(self, conn: Connection | Session, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Execute once per row of *rows* (one ``executemany``)."""
+        if not rows:
+            return
+        args = [self._args(row) for row in rows]
+        with self._cursor(conn) as cursor:
+            cursor.executemany(self.sql, args)
+
+    @contextmanager
+    def _cursor(self, conn: Connection | Session) -> Iterator[Any]:
+        if isinstance(conn, Session):
+            conn = conn.connection()
         try:
             cursor = conn.connection.cursor()
             try:
-                cursor.execute(self.sql, args)
-                row = cursor.fetchone()
+                yield cursor
             finally:
                 cursor.close()
         except self._integrity:
@@ -314,7 +364,28 @@ class PreparedInsert:
             raise DatabaseUnavailable(
                 f"database {self._dialect} unavailable: {type(exc).__name__}"
             ) from exc
-        return None if row is None else int(row[0])
+
+
+class PreparedInsert(Prepared):
+    """``INSERT … ON CONFLICT DO NOTHING RETURNING id`` into *table*, prepared
+    (:class:`Prepared`) for the C-STORE path."""
+
+    def __init__(
+        self, db: Database, table: FromClause, columns: Sequence[str], conflict: str
+    ) -> None:
+        stmt = _conflict_insert(
+            db, table, {name: bindparam(name) for name in columns}, conflict, None
+        ).returning(table.c.id)
+        super().__init__(db, stmt, table=table)
+        missing = [n for n in self._order
+                   if n not in columns and n not in self._defaults]
+        if missing:
+            raise ValueError(f"column {missing[0]} needs a value or a Python-side default")
+
+    def __call__(self, conn: Connection | Session, values: Mapping[str, Any]) -> int | None:
+        """Insert *values*; return the new id, ``None`` on a conflict."""
+        _, rows = self.run(conn, values)
+        return None if not rows else int(rows[0][0])
 
 
 def _conflict_insert(

@@ -26,7 +26,7 @@ from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, delete, func, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
@@ -311,27 +311,26 @@ class SqlQueue(JobQueue):
         if session is None:
             with self.db.transaction() as conn:
                 return self.complete_many(jobs, session=conn)
-        # Tokens are unique per lease: matching on (id, token) pairs is matching on tokens.
-        tokens = {job.lease_token for job in jobs if job.lease_token}
-        done = set(
-            session.execute(
-                update(JobRow)
-                .where(
-                    JobRow.id.in_([job.id for job in jobs]),
-                    JobRow.state == JobState.LEASED.value,
-                    JobRow.lease_token.in_(list(tokens)),
-                )
-                .values(
-                    state=JobState.DONE.value,
-                    lease_token=None,
-                    lease_owner=None,
-                    lease_expires_at=None,
-                    updated_at=_now(),
-                )
-                .returning(JobRow.id)
-            ).scalars()
-        )
-        return [job.id in done for job in jobs]
+        # One prepared statement per job (no IN list: it would be built per call), each
+        # telling whether that job was still leased under its token.
+        complete = self.db.prepared(("queue", "complete"), lambda: update(JobRow).where(
+            JobRow.id == bindparam("j_id"),
+            JobRow.state == JobState.LEASED.value,
+            JobRow.lease_token == bindparam("j_token"),
+        ).values(
+            state=JobState.DONE.value,
+            lease_token=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=bindparam("j_now"),
+        ))
+        now = _now()
+        return [
+            bool(job.lease_token)
+            and complete.run(session, {"j_id": job.id, "j_token": job.lease_token,
+                                       "j_now": now})[0] == 1
+            for job in jobs
+        ]
 
     def complete(self, job: Job) -> bool:
         return self._update(

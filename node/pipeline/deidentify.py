@@ -302,9 +302,12 @@ def _commit(
 
 
 def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> None:
-    """Record *items* as :func:`_record` would one by one, in a few statements run with
-    ``executemany``: the write lock is held for the statements, not for an ORM unit of work
-    per instance (on SQLite, every millisecond held here is one the SCP's commit may wait)."""
+    """Record *items* as :func:`_record` would one by one, in a few statements prepared once
+    per process (:class:`storage.db.Prepared`), most of them one ``executemany``: on SQLite
+    the write lock is held for the SQL, not for SQLAlchemy building and processing statements
+    (measured: 13.7 ms per batch of 29 CT instances before, of which 4.7 ms of SQL and
+    commit; every millisecond held here is one the SCP's commit may wait)."""
+    db = ctx.db
     now = datetime.now(UTC)
     firsts: dict[str, _Prepared] = {}
     series_firsts: dict[str, _Prepared] = {}
@@ -312,7 +315,7 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
         firsts.setdefault(item.study_key, item)
         series_firsts.setdefault(item.series_key, item)
 
-    ctx.db.upsert_many(
+    db.upsert_many(
         conn,
         Study,
         [
@@ -329,26 +332,30 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
         ],
         key="study_key",
     )
-    query = select(
-        Study.study_key, Study.state, Study.version, Study.patient_key, Study.accession_key
-    ).where(Study.study_key.in_(list(firsts)))
-    if ctx.db.is_postgresql:
-        query = query.with_for_update()
-    for key, state, version, patient_key, accession_key in conn.execute(query).all():
-        values: dict[str, Any] = {"last_received_at": now}
-        if state == StudyState.COMPLETE.value:
-            values.update(state=StudyState.RECEIVING.value, version=version + 1,
-                          completed_at=None)
-            logger.info("study %s re-opened at version %d", short_key(key), version + 1,
-                        extra={"study_key": key, "study_version": version + 1})
-        if patient_key is None:
-            values["patient_key"] = firsts[key].result.patient_key
-        if accession_key is None:
-            accession = next((i.result.accession_key for i in items
-                              if i.study_key == key and i.result.accession_key), None)
-            if accession is not None:
-                values["accession_key"] = accession
-        conn.execute(update(Study).where(Study.study_key == key).values(**values))
+    study_of = db.prepared(("deid", "study"), partial(_select_study, db.is_postgresql))
+    touch = db.prepared(("deid", "touch-study"), lambda: update(Study).where(
+        Study.study_key == bindparam("key")).values(last_received_at=bindparam("now")))
+    for key in firsts:
+        _, found = study_of.run(conn, {"key": key})
+        for state, version, patient_key, accession_key in found:
+            values: dict[str, Any] = {}
+            if state == StudyState.COMPLETE.value:
+                values.update(state=StudyState.RECEIVING.value, version=version + 1,
+                              completed_at=None)
+                logger.info("study %s re-opened at version %d", short_key(key), version + 1,
+                            extra={"study_key": key, "study_version": version + 1})
+            if patient_key is None:
+                values["patient_key"] = firsts[key].result.patient_key
+            if accession_key is None:
+                accession = next((i.result.accession_key for i in items
+                                  if i.study_key == key and i.result.accession_key), None)
+                if accession is not None:
+                    values["accession_key"] = accession
+            if values:  # rare: built for the occasion
+                conn.execute(update(Study).where(Study.study_key == key)
+                             .values(last_received_at=now, **values))
+            else:
+                touch.run(conn, {"key": key, "now": now})
 
     def _facts(result: DeidResult) -> dict[str, str | None]:
         return {
@@ -357,26 +364,26 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             "view_position": (result.view_position or "")[:16] or None,
         }
 
-    ctx.db.upsert_many(
+    db.upsert_many(
         conn,
         Series,
         [{"series_key": key, "study_key": item.study_key, **_facts(item.result)}
          for key, item in series_firsts.items()],
         key="series_key",
     )
-    rows = conn.execute(
-        select(Series.series_key, Series.modality, Series.body_part, Series.view_position)
-        .where(Series.series_key.in_(list(series_firsts)))
-    ).all()
-    for key, *current in rows:
-        facts = _facts(series_firsts[key].result)
-        missing = {name: facts[name] for name, value in
-                   zip(("modality", "body_part", "view_position"), current, strict=True)
-                   if not value and facts[name]}
-        if missing:
-            conn.execute(update(Series).where(Series.series_key == key).values(**missing))
+    series_of = db.prepared(("deid", "series"), lambda: select(
+        Series.modality, Series.body_part, Series.view_position
+    ).where(Series.series_key == bindparam("key")))
+    for key, first in series_firsts.items():
+        facts = _facts(first.result)
+        for current in series_of.run(conn, {"key": key})[1]:
+            missing = {name: facts[name] for name, value in
+                       zip(("modality", "body_part", "view_position"), current, strict=True)
+                       if not value and facts[name]}
+            if missing:
+                conn.execute(update(Series).where(Series.series_key == key).values(**missing))
 
-    ctx.db.upsert_many(
+    db.upsert_many(
         conn,
         DeidInstance,
         [
@@ -395,7 +402,7 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
         update_from_row=("blob_ref", "size_bytes"),
     )
     vault.store_many(
-        ctx.db,
+        db,
         conn,
         ctx.keys,
         [
@@ -404,19 +411,18 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             for item in items
         ],
     )
-    conn.execute(
-        update(Instance)
-        .where(Instance.id == bindparam("b_id"))
-        .values(
+    db.prepared(("deid", "instance-done"), lambda: update(Instance).where(
+        Instance.id == bindparam("b_id")).values(
             state=InstanceState.DEIDENTIFIED.value,
             blob_ref=bindparam("b_ref"),
             reject_reason=None,
-            updated_at=now,
-        ),
-        [{"b_id": item.instance_id, "b_ref": item.blob_ref} for item in items],
-    )
-    conn.execute(
-        insert(AuditEvent),
+            updated_at=bindparam("b_now"),
+    )).run_many(conn, [{"b_id": item.instance_id, "b_ref": item.blob_ref, "b_now": now}
+                       for item in items])
+    db.prepared(("deid", "audit"), lambda: (insert(AuditEvent).values(
+        {name: bindparam(name) for name in ("at", "event", "outcome", "actor", "detail")}),
+        AuditEvent.__table__)).run_many(
+        conn,
         [
             {
                 "at": now,
@@ -435,6 +441,13 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
             for item in items
         ],
     )
+
+
+def _select_study(for_update: bool) -> Any:
+    query = select(
+        Study.state, Study.version, Study.patient_key, Study.accession_key
+    ).where(Study.study_key == bindparam("key"))
+    return query.with_for_update() if for_update else query
 
 
 def _discard_blobs(ctx: JobContext, items: list[_Prepared], error: Exception) -> None:

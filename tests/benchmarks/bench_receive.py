@@ -60,9 +60,9 @@ Options (``--help``): ``--repeat N`` (default 3), ``--corpora ct,dx,tiny``,
 ``--assocs 1,4``, ``--peers fednode,fednode-init,dcmtk,pynetdicom`` (also
 ``fednode-init-pg``, ``orthanc``), ``--with-workers``, ``--corpus DIR``,
 ``--fednode-env KEY=VALUE`` (extra ``FEDNODE_*`` settings for the node, repeatable, e.g.
-``FEDNODE_DICOM__PROCESSES=1``), ``--baseline SRC`` (a row for the fednode of another source
-tree, e.g. ``git archive <commit> | tar -x -C SRC``, for before/after figures in one run),
-``--wait-quiet SECONDS``, ``--keep`` (keep the run folders), ``--json FILE``.
+``FEDNODE_DICOM__PROCESSES=1``), ``--baseline SRC`` (rows for the fednode of another source
+tree, e.g. ``git archive <commit> | tar -x -C SRC``, for before/after figures in one run;
+repeatable), ``--wait-quiet SECONDS``, ``--keep`` (keep the run folders), ``--json FILE``.
 """
 
 from __future__ import annotations
@@ -326,7 +326,7 @@ def fednode_peer(workers: int | None, extra_env: dict[str, str], src: Path | Non
     if postgres:
         key, label = f"{key}-pg", f"{label}, PostgreSQL"
     if src:
-        key, label = f"{key}@base", f"{label} ({src.name})"
+        key, label = f"{key}@{src.name}", f"{label} ({src.name})"
     return Peer(key, label, start, verify, finish if workers != 0 else None, cleanup)
 
 
@@ -578,9 +578,9 @@ def main() -> int:
     ap.add_argument("--wait-quiet", type=float, default=15.0, metavar="SECONDS",
                     help="before each run, wait up to this long for other processes' CPU use "
                          "to drop below 20%% (0: don't; default 15)")
-    ap.add_argument("--baseline", type=Path, metavar="SRC",
+    ap.add_argument("--baseline", type=Path, metavar="SRC", action="append", default=[],
                     help="add a row for the fednode of another source tree (e.g. an older "
-                         "commit from `git archive`), run with PYTHONPATH=SRC")
+                         "commit from `git archive`), run with PYTHONPATH=SRC; repeatable")
     ap.add_argument("--keep", action="store_true", help="keep the run folders")
     ap.add_argument("--json", type=Path, help="also write the results as JSON")
     args = ap.parse_args()
@@ -594,12 +594,12 @@ def main() -> int:
     peers: list[Peer] = []
     if "fednode" in wanted:
         peers.append(fednode_peer(0, extra_env))
-        if args.baseline:
-            peers.append(fednode_peer(0, extra_env, args.baseline.resolve()))
+        for src in args.baseline:
+            peers.append(fednode_peer(0, extra_env, src.resolve()))
     if "fednode-init" in wanted:
         peers.append(fednode_peer(None, extra_env))
-        if args.baseline:
-            peers.append(fednode_peer(None, extra_env, args.baseline.resolve()))
+        for src in args.baseline:
+            peers.append(fednode_peer(None, extra_env, src.resolve()))
     if "fednode" in wanted and args.with_workers:
         peers.append(fednode_peer(args.workers, extra_env))
     if "fednode-init-pg" in wanted:

@@ -39,7 +39,7 @@ from storage.db import Database
 from storage.errors import DatabaseUnavailable
 from storage.models import AuditEvent, DeidInstance, Instance, Series, Study
 from storage.queue import SqlQueue
-from storage.records import InstanceState, StudyState
+from storage.records import InstanceState, JobState, StudyState
 from tests.support import dicomgen
 from tests.support.storage import receive_instance
 from tests.unit.deid_support import ct, encode, read
@@ -49,8 +49,9 @@ PHI = ["DOE^JANE", "MRN0012345", "ACC20260001", "Harbour", "HOUSE^GREGORY", "Exa
        "TECH^TERRY", "19640213", "20260311"]
 
 
-def make_ctx(root: Path, master: bytes = MASTER, **deid: object) -> JobContext:
-    db = Database(f"sqlite:///{root}/t.db")
+def make_ctx(root: Path, master: bytes = MASTER, *, url: str | None = None,
+             **deid: object) -> JobContext:
+    db = Database(url or f"sqlite:///{root}/t.db")
     db.upgrade()
     settings = Settings(
         node=NodeSection(data_dir=root),
@@ -255,6 +256,59 @@ def test_instance_for_a_complete_study_reopens_it(tmp_path: Path) -> None:
         row = s.get(Study, key)
         assert row is not None
         assert (row.state, row.version, row.completed_at) == (StudyState.RECEIVING.value, 2, None)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_a_batch_is_recorded_alike_on_both_databases(
+    tmp_path: Path, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """The worker's batch path (prepared statements run on the DBAPI cursor): two studies,
+    one of them complete and re-opened by the batch, recorded and completed in one
+    transaction on SQLite and on PostgreSQL."""
+    from node.worker import Worker
+
+    url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
+    ctx = make_ctx(tmp_path, url=url)
+    done, other = dicomgen.FakeStudy(), dicomgen.FakeStudy()
+    first = receive(ctx, ct(done, index=0))
+    run_one(ctx)
+    key = instance(ctx, first).study_key
+    with ctx.db.session() as s:
+        s.execute(update(Study).where(Study.study_key == key)
+                  .values(state=StudyState.COMPLETE.value, completed_at=datetime.now(UTC)))
+    ids = [receive(ctx, ct(done, index=i)) for i in (1, 2)]
+    ids += [receive(ctx, ct(other, index=i)) for i in (0, 1, 2)]
+    jobs = ctx.queue.lease_many("test", [JobKind.DEIDENTIFY], 60, 32)
+    assert len(jobs) == 5
+    Worker(ctx, load_handlers(), periodic=False).run_jobs(jobs)
+
+    rows = [instance(ctx, i) for i in ids]
+    assert {r.state for r in rows} == {InstanceState.DEIDENTIFIED.value}
+    assert all(r.blob_ref and r.updated_at > r.received_at for r in rows)
+    counts = ctx.queue.counts()
+    assert counts == {(JobKind.DEIDENTIFY.value, JobState.DONE): 6}
+    with ctx.db.session() as s:
+        reopened = s.get(Study, key)
+        assert reopened is not None
+        assert (reopened.state, reopened.version, reopened.completed_at) == (
+            StudyState.RECEIVING.value, 2, None)
+        second = s.get(Study, rows[-1].study_key)
+        assert second is not None and (second.state, second.version) == (
+            StudyState.RECEIVING.value, 1)
+        assert second.patient_key and second.last_received_at.tzinfo is not None
+        deid = {d.sop_key: d for d in s.execute(select(DeidInstance)).scalars()}
+        assert {r.sop_key for r in rows} <= set(deid)
+        assert all(deid[r.sop_key].blob_ref == r.blob_ref for r in rows)
+        events = s.execute(select(AuditEvent).where(AuditEvent.event == "deidentified")
+                           ).scalars().all()
+        assert len(events) == 6
+        assert {e.detail["sop_key"] for e in events} >= {r.sop_key for r in rows}
+        assert {row.modality for row in s.execute(select(Series)).scalars()} == {"CT"}
+    for r in rows:
+        assert read(ctx.blobs.get(r.blob_ref)).SOPInstanceUID == r.sop_key
+    assert set(vault.load_instances(ctx.db, ctx.keys, rows[-1].study_key)) == {
+        r.sop_key for r in rows[2:]}
+    ctx.db.dispose()
 
 
 def test_syntaxes_through_the_job(tmp_path: Path) -> None:

@@ -81,6 +81,27 @@ def test_records_are_encrypted_and_bound_to_their_place(tmp_path: Path) -> None:
         spool.get(f"{name}@100+1")  # records start on a 4 KiB boundary
 
 
+def test_a_record_cut_short_reads_as_missing(root: Path) -> None:
+    """A segment truncated inside its last record (a damaged file system, a copy cut
+    short): the read, direct or through the page cache, answers that the item is missing."""
+    spool = Spool(root, KEY)
+    data = os.urandom(70_000)
+    kept = spool.put(data)
+    cut = spool.put(os.urandom(70_000))
+    spool.sync()
+    (segment,) = segments(root)
+    offset = int(cut.split("@")[1].split("+")[0])
+    with open(segment, "r+b") as f:
+        f.truncate(offset + 8192)
+    with pytest.raises(IntegrityError, match="missing"):
+        spool.get(cut)
+    os.truncate(segment, offset)
+    with pytest.raises(IntegrityError, match="missing"):
+        spool.get(cut)
+    assert spool.get(kept) == data
+    spool.close()
+
+
 def test_delete_frees_the_blocks_and_listing_skips_holes(root: Path) -> None:
     spool = Spool(root, KEY)
     locators = [spool.put(os.urandom(200_000)) for _ in range(5)]
