@@ -24,6 +24,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from sqlalchemy import and_, bindparam, delete, func, or_, select, update
@@ -31,7 +32,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from storage.db import Database, PreparedInsert
-from storage.models import JobRow
+from storage.models import JobRow, UTCDateTime
 from storage.records import Job, JobState
 
 MAX_ERROR_CHARS = 2000
@@ -206,9 +207,10 @@ class SqlQueue(JobQueue):
         jobs = self.lease_many(owner, kinds, lease_seconds, 1)
         return jobs[0] if jobs else None
 
-    def _due(self, kinds: Sequence[str], now: datetime) -> Any:
+    def _due(self, kinds: Sequence[str], now: Any) -> Any:
+        # One comparison per kind rather than IN: a prepared statement takes no IN list.
         return and_(
-            JobRow.kind.in_(list(kinds)),
+            or_(*(JobRow.kind == kind for kind in kinds)),
             or_(
                 and_(JobRow.state == JobState.QUEUED.value, JobRow.run_after <= now),
                 and_(JobRow.state == JobState.LEASED.value, JobRow.lease_expires_at < now),
@@ -222,7 +224,7 @@ class SqlQueue(JobQueue):
         if not kinds or limit < 1:
             return []
         now = _now()
-        due = self._due(kinds, now)
+        kinds = tuple(sorted(set(kinds)))
         if not self.db.is_postgresql or at_least > 1:
             # An idle poll must not take SQLite's write turn: look first, without a lock
             # (a deferred read in WAL mode), and only then lease in a write transaction.
@@ -230,22 +232,29 @@ class SqlQueue(JobQueue):
             with self.db.read() as conn:
                 found = conn.execute(
                     select(func.count()).select_from(
-                        select(JobRow.id).where(due).limit(wanted).subquery())
+                        select(JobRow.id).where(self._due(kinds, now)).limit(wanted).subquery())
                 ).scalar_one()
             if found < wanted:
                 return []
+        # Prepared statements (storage.db.Prepared): on SQLite the write turn is held for the
+        # SQL, not for SQLAlchemy building it; the leased rows are read after the commit.
+        candidates = self.db.prepared(("queue", "due", kinds, limit), partial(
+            self._due_query, kinds, limit))
+        take = self.db.prepared(("queue", "take"), lambda: update(JobRow).where(
+            JobRow.id == bindparam("j_id")
+        ).values(
+            state=JobState.LEASED.value,
+            attempts=JobRow.attempts + 1,
+            lease_owner=bindparam("j_owner"),
+            lease_token=bindparam("j_token"),
+            lease_expires_at=bindparam("j_expires"),
+            updated_at=bindparam("j_now"),
+        ))
+        token = _token()  # one for the batch: a token names one lease of one owner
         with self.db.transaction() as conn:
-            query = (
-                select(JobRow.id, JobRow.state, JobRow.attempts, JobRow.max_attempts)
-                .where(due)
-                .order_by(JobRow.run_after, JobRow.id)
-                .limit(limit)
-            )
-            if self.db.is_postgresql:
-                query = query.with_for_update(skip_locked=True)
             ids: list[int] = []
             dead: list[int] = []
-            for job_id, state, attempts, max_attempts in conn.execute(query).all():
+            for job_id, state, attempts, max_attempts in candidates.run(conn, {"j_now": now})[1]:
                 if state == JobState.LEASED.value and attempts >= max_attempts:
                     # Its worker died holding the last attempt: dead-letter, do not run again.
                     dead.append(job_id)
@@ -267,25 +276,30 @@ class SqlQueue(JobQueue):
                         updated_at=now,
                     )
                 )
-            if not ids:
-                return []
-            # One statement for the batch, one token: a token names one lease of one owner,
-            # and any later lease of a job gives it a new one.
+            lease = {"j_owner": owner[:64], "j_token": token,
+                     "j_expires": now + timedelta(seconds=lease_seconds), "j_now": now}
+            for job_id in ids:
+                take.run(conn, {"j_id": job_id, **lease})
+        if not ids:
+            return []
+        # Ours until the lease expires: read without the write turn.
+        with self.db.read() as conn:
             rows = conn.execute(
-                update(JobRow)
-                .where(JobRow.id.in_(ids))
-                .values(
-                    state=JobState.LEASED.value,
-                    attempts=JobRow.attempts + 1,
-                    lease_owner=owner[:64],
-                    lease_token=_token(),
-                    lease_expires_at=now + timedelta(seconds=lease_seconds),
-                    updated_at=now,
-                )
-                .returning(*JobRow.__table__.columns)
+                select(JobRow.__table__).where(JobRow.id.in_(ids), JobRow.lease_token == token)
             ).all()
         by_id = {row.id: row for row in rows}
         return [_to_job(by_id[i]) for i in ids if i in by_id]
+
+    def _due_query(self, kinds: Sequence[str], limit: int) -> Any:
+        query = (
+            select(JobRow.id, JobRow.state, JobRow.attempts, JobRow.max_attempts)
+            .where(self._due(kinds, bindparam("j_now", type_=UTCDateTime())))
+            .order_by(JobRow.run_after, JobRow.id)
+            .limit(limit)
+        )
+        if self.db.is_postgresql:
+            query = query.with_for_update(skip_locked=True)
+        return query
 
     def _owned(self, job: Job) -> Any:
         return and_(
