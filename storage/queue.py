@@ -31,7 +31,7 @@ from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
-from storage.db import Database, PreparedInsert
+from storage.db import Database, Prepared, PreparedInsert
 from storage.models import JobRow, UTCDateTime
 from storage.records import Job, JobState
 
@@ -240,16 +240,7 @@ class SqlQueue(JobQueue):
         # SQL, not for SQLAlchemy building it; the leased rows are read after the commit.
         candidates = self.db.prepared(("queue", "due", kinds, limit), partial(
             self._due_query, kinds, limit))
-        take = self.db.prepared(("queue", "take"), lambda: update(JobRow).where(
-            JobRow.id == bindparam("j_id")
-        ).values(
-            state=JobState.LEASED.value,
-            attempts=JobRow.attempts + 1,
-            lease_owner=bindparam("j_owner"),
-            lease_token=bindparam("j_token"),
-            lease_expires_at=bindparam("j_expires"),
-            updated_at=bindparam("j_now"),
-        ))
+        take = self._take()
         token = _token()  # one for the batch: a token names one lease of one owner
         with self.db.transaction() as conn:
             ids: list[int] = []
@@ -290,6 +281,37 @@ class SqlQueue(JobQueue):
         by_id = {row.id: row for row in rows}
         return [_to_job(by_id[i]) for i in ids if i in by_id]
 
+    def prepare(self) -> None:
+        """Compile the statements a worker's lease and completion run (a worker's warm-up:
+        compiled by the first batch instead, inside SQLite's write turn)."""
+        self._take()
+        self._complete()
+
+    def _take(self) -> Prepared:
+        return self.db.prepared(("queue", "take"), lambda: update(JobRow).where(
+            JobRow.id == bindparam("j_id")
+        ).values(
+            state=JobState.LEASED.value,
+            attempts=JobRow.attempts + 1,
+            lease_owner=bindparam("j_owner"),
+            lease_token=bindparam("j_token"),
+            lease_expires_at=bindparam("j_expires"),
+            updated_at=bindparam("j_now"),
+        ))
+
+    def _complete(self) -> Prepared:
+        return self.db.prepared(("queue", "complete"), lambda: update(JobRow).where(
+            JobRow.id == bindparam("j_id"),
+            JobRow.state == JobState.LEASED.value,
+            JobRow.lease_token == bindparam("j_token"),
+        ).values(
+            state=JobState.DONE.value,
+            lease_token=None,
+            lease_owner=None,
+            lease_expires_at=None,
+            updated_at=bindparam("j_now"),
+        ))
+
     def _due_query(self, kinds: Sequence[str], limit: int) -> Any:
         query = (
             select(JobRow.id, JobRow.state, JobRow.attempts, JobRow.max_attempts)
@@ -327,17 +349,7 @@ class SqlQueue(JobQueue):
                 return self.complete_many(jobs, session=conn)
         # One prepared statement per job (no IN list: it would be built per call), each
         # telling whether that job was still leased under its token.
-        complete = self.db.prepared(("queue", "complete"), lambda: update(JobRow).where(
-            JobRow.id == bindparam("j_id"),
-            JobRow.state == JobState.LEASED.value,
-            JobRow.lease_token == bindparam("j_token"),
-        ).values(
-            state=JobState.DONE.value,
-            lease_token=None,
-            lease_owner=None,
-            lease_expires_at=None,
-            updated_at=bindparam("j_now"),
-        ))
+        complete = self._complete()
         now = _now()
         return [
             bool(job.lease_token)

@@ -504,6 +504,8 @@ def warm_up(ctx: JobContext) -> None:
             raise _RolledBack
     except _RolledBack:
         pass
+    if isinstance(ctx.queue, SqlQueue):
+        ctx.queue.prepare()
 
 
 def _reject(ctx: JobContext, instance_id: int, sop_key: str, study_key: str, reason: str) -> None:
