@@ -162,6 +162,7 @@ def _worker_main(settings: Settings, lane: str, index: int) -> None:
 
     # Migration was checked by the supervisor's preflight; a worker (re)started while the
     # database is down must still come up (it retries its lease until the database is back).
+    _reuse_large_buffers()
     ctx = open_context(settings, check_migrated=False)
     _lower_priority(settings.workers.nice)
     kinds = settings.workers.lanes[lane].kinds
@@ -196,6 +197,32 @@ def _worker_main(settings: Settings, lane: str, index: int) -> None:
     worker.run()
     ctx.db.dispose()
     sys.exit(0)
+
+
+# glibc mallopt(3) parameters.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
+_TRIM_THRESHOLD = 128 << 20
+
+
+def _reuse_large_buffers() -> None:
+    """Keep a worker's large buffers in the heap (glibc): a CT instance passes through three
+    buffers of its size (the spool record, the engine's output, the decrypted bytes), each
+    above malloc's default mmap threshold, so each was a fresh ``mmap`` whose pages were
+    faulted in and zeroed, then unmapped. Measured draining 200 CT instances in one worker:
+    138 page faults and 2.7-3.0 ms of CPU per instance, against 23 and 2.2-2.5 ms with
+    the threshold raised (four alternating runs). Freed memory stays in the heap up to
+    ``_TRIM_THRESHOLD`` (a batch of 32 CT instances needs ~50 MB). Elsewhere than glibc,
+    nothing changes."""
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
+    mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
 
 
 def _lower_priority(nice: int) -> None:
