@@ -489,8 +489,8 @@ class _RolledBack(Exception):
 @register_warm_up(JobKind.DEIDENTIFY)
 def warm_up(ctx: JobContext) -> None:
     """Build the engine and compile the record transaction's statements when the worker
-    starts: step 5 for a synthetic instance, rolled back. Compiled by the first batch instead, they kept the
-    write turn ~20 ms longer while the SCP's commits waited for it."""
+    starts: step 5 for a synthetic instance, rolled back. Compiled by the first batch
+    instead, they kept the write turn ~20 ms longer while the SCP's commits waited for it."""
     key = "warm-up"  # no real key has this form (they are 2.25. UIDs)
     result = DeidResult(
         data=b"", transfer_syntax="", sop_class_uid="", sop_key=key, study_key=key,
