@@ -95,7 +95,12 @@ class Worker:
         return self.ctx.settings.workers
 
     def warm_up(self) -> None:
-        """Run the warm-up of every kind this worker serves (:func:`node.jobs.register_warm_up`)."""
+        """Prepare the queue's lease and completion, then run the warm-up of every kind this
+        worker serves (:func:`node.jobs.register_warm_up`)."""
+        try:
+            self.ctx.queue.prepare()
+        except Exception as exc:  # the first lease pays instead
+            logger.warning("warm-up of the queue failed: %s: %s", type(exc).__name__, exc)
         for kind, handler in self.handlers.items():
             fn = getattr(handler, "warm_up", None)
             if fn is None:

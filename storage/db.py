@@ -235,14 +235,14 @@ class Database:
                          [dict(row) for row in rows])
             return
         columns = tuple(rows[0])
-        cache_key = ("upsert", table, key, tuple(update_from_row), columns)
-        prepared = self._prepared.get(cache_key)
-        if prepared is None:
+
+        def build() -> tuple[Any, FromClause]:
             stmt = self._upsert_stmt(table, key, update_from_row, None).values(
                 {name: bindparam(name) for name in columns})
-            target = inspect(table).local_table if hasattr(table, "__mapper__") else table
-            prepared = self._prepared[cache_key] = Prepared(self, stmt, table=target)
-        prepared.run_many(conn, rows)
+            return stmt, inspect(table).local_table if hasattr(table, "__mapper__") else table
+
+        self.prepared(("upsert", table, key, tuple(update_from_row), columns), build
+                      ).run_many(conn, rows)
 
     def _upsert_stmt(self, table: Any, key: str, update_from_row: Sequence[str],
                      update: Mapping[str, Any] | None) -> Any:

@@ -51,6 +51,11 @@ class JobQueue(ABC):
 
     default_max_attempts: int = 5
 
+    def prepare(self) -> None:
+        """Do now what a worker's first lease and completion would pay for (a worker's
+        warm-up); nothing for a queue that has nothing to prepare."""
+        return None
+
     @abstractmethod
     def enqueue(
         self,
@@ -282,8 +287,8 @@ class SqlQueue(JobQueue):
         return [_to_job(by_id[i]) for i in ids if i in by_id]
 
     def prepare(self) -> None:
-        """Compile the statements a worker's lease and completion run (a worker's warm-up:
-        compiled by the first batch instead, inside SQLite's write turn)."""
+        """Compile the statements a worker's lease and completion run (compiled by the
+        first batch instead, inside SQLite's write turn)."""
         self._take()
         self._complete()
 

@@ -504,8 +504,6 @@ def warm_up(ctx: JobContext) -> None:
             raise _RolledBack
     except _RolledBack:
         pass
-    if isinstance(ctx.queue, SqlQueue):
-        ctx.queue.prepare()
     engine_for(ctx.settings, ctx.keys)  # Table E.1-1 read and compiled: ~35 ms, once
 
 

@@ -241,15 +241,22 @@ def test_orphan_blob_sweep_removes_only_old_unreferenced_blobs(
     assert remove_orphan_blobs(ctx) == 0
 
 
-def test_instance_for_a_complete_study_reopens_it(tmp_path: Path) -> None:
-    ctx = make_ctx(tmp_path)
-    study = dicomgen.FakeStudy()
+def complete_study(ctx: JobContext, study: dicomgen.FakeStudy) -> str:
+    """Receive and de-identify the first instance of *study*, then mark the study complete;
+    return its key."""
     first = receive(ctx, ct(study, index=0))
     run_one(ctx)
     key = instance(ctx, first).study_key
     with ctx.db.session() as s:
         s.execute(update(Study).where(Study.study_key == key)
                   .values(state=StudyState.COMPLETE.value, completed_at=datetime.now(UTC)))
+    return key
+
+
+def test_instance_for_a_complete_study_reopens_it(tmp_path: Path) -> None:
+    ctx = make_ctx(tmp_path)
+    study = dicomgen.FakeStudy()
+    key = complete_study(ctx, study)
     receive(ctx, ct(study, index=1))
     run_one(ctx)
     with ctx.db.session() as s:
@@ -270,12 +277,7 @@ def test_a_batch_is_recorded_alike_on_both_databases(
     url = request.getfixturevalue("pg_url") if backend == "postgresql" else None
     ctx = make_ctx(tmp_path, url=url)
     done, other = dicomgen.FakeStudy(), dicomgen.FakeStudy()
-    first = receive(ctx, ct(done, index=0))
-    run_one(ctx)
-    key = instance(ctx, first).study_key
-    with ctx.db.session() as s:
-        s.execute(update(Study).where(Study.study_key == key)
-                  .values(state=StudyState.COMPLETE.value, completed_at=datetime.now(UTC)))
+    key = complete_study(ctx, done)
     ids = [receive(ctx, ct(done, index=i)) for i in (1, 2)]
     ids += [receive(ctx, ct(other, index=i)) for i in (0, 1, 2)]
     jobs = ctx.queue.lease_many("test", [JobKind.DEIDENTIFY], 60, 32)
