@@ -270,6 +270,13 @@ class WorkersSection(_Section):
         description="while the SCP is receiving, workers run under SCHED_IDLE: only "
         "on CPU time the receiver leaves idle; false = always at workers.nice",
     )
+    defer_while_receiving_seconds: float = Field(
+        10.0,
+        ge=0,
+        description="while the SCP is receiving, workers start no job until it pauses, for "
+        "at most this many seconds of falling behind (then they share the CPU under "
+        "workers.idle_while_receiving); 0 = never wait",
+    )
 
     @field_validator("lanes")
     @classmethod

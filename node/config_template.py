@@ -77,6 +77,10 @@ nice = 10
 # While the receiver is committing (a burst from the PACS), workers run under
 # SCHED_IDLE: only on CPU time the receiver leaves idle. false = always at `nice`.
 idle_while_receiving = true
+# While the receiver is committing, workers start no new job until it pauses (50 ms without a
+# commit): on two cores any work beside the receiver slows it. They wait at most this many
+# seconds behind it (a PACS that never pauses), then run beside it as above. 0 = never wait.
+defer_while_receiving_seconds = 10
 
 # Lanes: each lane's worker processes serve only its job kinds, so a slow kind (an encrypted
 # inference round trip, a PACS that is slow to accept a report) never holds up

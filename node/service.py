@@ -204,6 +204,7 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLD = 32 << 20  # glibc's maximum on 64-bit
 _TRIM_THRESHOLD = 128 << 20
+_PREFAULT_BYTES = 32 << 20  # what a batch of 32 CT instances holds at once, about
 
 
 def _reuse_large_buffers() -> None:
@@ -223,6 +224,12 @@ def _reuse_large_buffers() -> None:
         return
     mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
     mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    # Fault the heap in now, not in the first batch: written to, then freed, these chunks
+    # stay in the heap (below the trim threshold). Measured in the first batch of a fresh
+    # worker: ~4,600 page faults and 80-100 ms of system time for 32 CT instances (a page
+    # fault costs ~20 us on a virtual machine), against a few faults in the batches after.
+    chunks = [b"\x01" * (4 << 20) for _ in range(_PREFAULT_BYTES >> 22)]
+    del chunks
 
 
 def _lower_priority(nice: int) -> None:

@@ -47,9 +47,18 @@ class BlobStore:
 
     def put_many(self, datas: list[bytes]) -> list[str]:
         """Store every blob of *datas* and make them durable together (one sync)."""
-        refs = [self.packs.put(data) for data in datas]
-        self.packs.sync()
+        refs = [self.append(data) for data in datas]
+        self.sync()
         return refs
+
+    def append(self, data: bytes) -> str:
+        """Write *data* to this process's pack and return its reference; durable once
+        :meth:`sync` has returned after this call."""
+        return self.packs.put(data)
+
+    def sync(self) -> None:
+        """Make every blob this process has appended so far durable."""
+        self.packs.sync()
 
     def get(self, ref: str) -> bytes:
         """The blob named *ref*; :class:`IntegrityError` if it does not authenticate."""

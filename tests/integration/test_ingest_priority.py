@@ -16,12 +16,14 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, text
 
-from node.jobs import JobContext, JobKind, load_handlers
+from node.jobs import RECEIVE_STAMP_NAME, JobContext, JobKind, load_handlers
+from node.pipeline.deidentify import BATCH_JOBS
 from node.worker import Worker
 from storage.db import Database
 from storage.errors import DatabaseUnavailable
 from storage.models import AuditEvent, DeidInstance, Instance
 from storage.records import InstanceState, JobState
+from storage.turn import ReceiveStamp
 from tests.integration.test_deid_pipeline import make_ctx, receive
 from tests.support import dicomgen
 from tests.support.node import RunningNode, init_node
@@ -335,7 +337,8 @@ def test_workers_run_under_sched_idle_only_while_the_scp_is_receiving(
         pytest.skip("this process may not leave SCHED_IDLE (RLIMIT_NICE)")
     ctx = make_ctx(tmp_path)
     workers = ctx.settings.workers.model_copy(
-        update={"poll_seconds": 0.02, "idle_while_receiving": idle_while_receiving})
+        update={"poll_seconds": 0.02, "idle_while_receiving": idle_while_receiving,
+                "defer_while_receiving_seconds": 0.0})  # work beside the receiver
     ctx.settings = ctx.settings.model_copy(update={"workers": workers})
     worker = Worker(ctx, load_handlers(), kinds=[JobKind.DEIDENTIFY], periodic=False)
     tids: list[int] = []
@@ -366,6 +369,47 @@ def test_workers_run_under_sched_idle_only_while_the_scp_is_receiving(
     else:
         assert policies == {os.SCHED_OTHER}
     assert after == os.SCHED_OTHER
+
+
+def _deidentified(ctx: JobContext, ids: list[int]) -> int:
+    with ctx.db.read() as conn:
+        return int(conn.execute(select(func.count()).select_from(Instance).where(
+            Instance.id.in_(ids), Instance.state == InstanceState.DEIDENTIFIED.value)).scalar_one())
+
+
+@pytest.mark.parametrize("window", [30.0, 0.5])
+def test_workers_wait_for_a_pause_in_the_burst_for_at_most_the_deferral_window(
+    tmp_path: Path, window: float
+) -> None:
+    ctx = make_ctx(tmp_path)
+    workers = ctx.settings.workers.model_copy(
+        update={"poll_seconds": 0.02, "defer_while_receiving_seconds": window})
+    ctx.settings = ctx.settings.model_copy(update={"workers": workers})
+    ids = [receive(ctx, ct(dicomgen.FakeStudy())) for _ in range(BATCH_JOBS)]  # a full batch
+    stamp = ReceiveStamp(ctx.settings.data_dir / RECEIVE_STAMP_NAME)
+    stamp.mark()  # the SCP is committing: every 10 ms, as in a burst, for 2.5 s
+    worker = Worker(ctx, load_handlers(), kinds=[JobKind.DEIDENTIFY], periodic=False)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        pause = threading.Event()
+        for _ in range(250):
+            stamp.mark()
+            pause.wait(0.01)
+        during = _deidentified(ctx, ids)
+        for _ in range(300):  # the burst is over: the backlog goes at once
+            if _deidentified(ctx, ids) == len(ids):
+                break
+            pause.wait(0.1)
+        after = _deidentified(ctx, ids)
+    finally:
+        worker.stop.set()
+        thread.join(60)
+    if window > 2.5:
+        assert during == 0  # nothing beside the receiver while it received
+    else:
+        assert during == len(ids)  # behind for longer than the window: it went on anyway
+    assert after == len(ids)
 
 
 def test_an_idle_ingest_worker_wakes_on_the_scps_commit_not_a_poll_later(
