@@ -287,8 +287,6 @@ class Spool:
         segment, offset, length = _parse(locator)
         try:
             blob = self._read(segment, offset, _HEADER.size + length)
-        except FileNotFoundError:
-            blob = memoryview(b"")
         except OSError as exc:
             raise SpoolError(f"cannot read {self._name} item: {exc.strerror}") from exc
         if len(blob) < _HEADER.size:
@@ -512,6 +510,11 @@ def _scan(fd: int, segment: str) -> Iterator[_Record]:
                 return
             raise
         offset = max(offset + DIRECT_ALIGN, found - found % DIRECT_ALIGN)
+
+
+def record_length(locator: str) -> int:
+    """The length of the record *locator* names (its ciphertext bytes)."""
+    return _parse(locator)[2]
 
 
 def _parse(locator: str) -> tuple[str, int, int]:
