@@ -367,13 +367,20 @@ class Spool:
         """Remove the record at *locator* (no error if it is already gone)."""
         self.delete_many([locator])
 
-    def delete_many(self, locators: list[str]) -> None:
+    def delete_many(self, locators: list[str], *, verified: bool = False) -> None:
         """Remove the records at *locators* (those already gone are skipped).
 
         Records that lie next to each other in a segment (a burst's, in arrival order) are
         freed by one hole punched over all of them: each punch is a journalled change of the
         file's extents (and, on a file system mounted with ``discard``, a discard), which the
         receive path's own syncs may wait behind.
+
+        Each record's header is read first (a locator must name a record of its length);
+        with *verified* the caller has just read every record by :meth:`get`, which
+        authenticated its place and length, and the headers are not read again (a direct
+        read each, ~0.3 ms: a third of a worker's time per batch after its commit). A
+        segment only grows, so punching again over a record deleted meanwhile frees
+        nothing else.
         """
         by_segment: dict[str, list[tuple[int, int]]] = {}
         for locator in locators:
@@ -389,13 +396,14 @@ class Spool:
             try:
                 runs: list[tuple[int, int, list[int]]] = []  # adjacent live records
                 for offset, length in sorted(set(records)):
-                    header = bytes(self._pread(fd, direct, offset, _HEADER.size))
-                    if len(header) < _HEADER.size or header[:4] != LIVE:
-                        continue  # gone already
-                    if _HEADER.unpack(header)[1] != length:
-                        raise SpoolError(
-                            f"{self._name} locator does not match the record it points at"
-                        )
+                    if not verified:
+                        header = bytes(self._pread(fd, direct, offset, _HEADER.size))
+                        if len(header) < _HEADER.size or header[:4] != LIVE:
+                            continue  # gone already
+                        if _HEADER.unpack(header)[1] != length:
+                            raise SpoolError(
+                                f"{self._name} locator does not match the record it points at"
+                            )
                     end = offset + _extent(length)
                     if runs and runs[-1][1] == offset:
                         runs[-1] = (runs[-1][0], end, [*runs[-1][2], offset])

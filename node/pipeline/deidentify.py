@@ -542,8 +542,8 @@ def _discard_blobs(ctx: JobContext, items: list[_Prepared], error: Exception) ->
 
 def _finish(ctx: JobContext, items: list[_Prepared]) -> None:
     """Step 6: the spool items go, only after the commit (adjacent records in one go:
-    :meth:`storage.spool.Spool.delete_many`)."""
-    ctx.spool.delete_many([item.spool_name for item in items])
+    :meth:`storage.spool.Spool.delete_many`; each was read and authenticated by step 1)."""
+    ctx.spool.delete_many([item.spool_name for item in items], verified=True)
     if not logger.isEnabledFor(logging.INFO):
         return
     for item in items:

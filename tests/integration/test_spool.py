@@ -166,6 +166,22 @@ def test_delete_many_frees_adjacent_records_with_one_hole_each_run(
     spool.close()
 
 
+def test_a_verified_delete_frees_the_records_without_reading_them(root: Path) -> None:
+    spool = Spool(root, KEY)
+    locators = [spool.put(os.urandom(300_000)) for _ in range(4)]
+    spool.sync()
+    (segment,) = segments(root)
+    before = segment.stat().st_blocks
+    for locator in locators[:3]:
+        assert spool.get(locator)  # what a worker's batch does before its commit
+    spool.delete_many(locators[:3], verified=True)
+    spool.delete_many(locators[1:3], verified=True)  # again: nothing else is freed
+    assert spool.names() == [locators[3]]
+    assert spool.get(locators[3])
+    assert segment.stat().st_blocks < before - 3 * 300_000 // 512 + 16
+    spool.close()
+
+
 def test_delete_many_without_hole_punching_marks_every_record_of_a_run_dead(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
