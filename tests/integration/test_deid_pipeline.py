@@ -169,7 +169,7 @@ def test_rerun_is_idempotent_and_removes_a_left_over_spool_item(
     job = ctx.queue.lease("test", [JobKind.DEIDENTIFY], 60)
     assert job is not None
 
-    def crash(locators: list[str]) -> None:
+    def crash(locators: list[str], **_: object) -> None:
         raise KeyboardInterrupt("killed after the commit, before the spool item was deleted")
 
     with monkeypatch.context() as m:
