@@ -160,15 +160,20 @@ class Worker:
         return now - self._behind_since < window
 
     def _wait_for_pause(self) -> None:
-        """Wait (looking at the SCP's commit stamp every ``WAKE_SECONDS``) until its burst
-        pauses or the deferral window is over."""
+        """Wait until the SCP's burst pauses (no commit for ``BURST_SECONDS``) or the
+        deferral window is over: asleep until the earliest moment either can be true, then
+        a look at the commit stamp (about 20 wake-ups a second during a burst, where a 10 ms
+        poll of three workers took 300 wake-ups from the receiver's two cores)."""
         window = self._cfg.defer_while_receiving_seconds
-        while not self.stop.wait(WAKE_SECONDS):
+        while True:
             now = time.monotonic()
             seen = self._last_receive()
             if seen is None or now - seen >= BURST_SECONDS:
                 return
             if self._behind_since is None or now - self._behind_since >= window:
+                return
+            until = min(seen + BURST_SECONDS, self._behind_since + window)
+            if self.stop.wait(max(until - now, 0.0) + 0.001):
                 return
 
     def _pace(self) -> None:
