@@ -77,7 +77,7 @@ nice = 10
 # While the receiver is committing (a burst from the PACS), workers run under
 # SCHED_IDLE: only on CPU time the receiver leaves idle. false = always at `nice`.
 idle_while_receiving = true
-# While the receiver is committing, workers start no new job until it pauses (50 ms without a
+# While the receiver is committing, workers start no new job until it pauses (30 ms without a
 # commit): on two cores any work beside the receiver slows it. They wait at most this many
 # seconds behind it (a PACS that never pauses), then run beside it as above. 0 = never wait.
 defer_while_receiving_seconds = 10

@@ -34,8 +34,11 @@ logger = logging.getLogger(__name__)
 
 RECEIVING_SECONDS = 0.2
 """The SCP is receiving if it committed within this long (see Worker._pace)."""
-BURST_SECONDS = 0.05
-"""While the SCP committed within this long, batches are leased only when full (_lease)."""
+BURST_SECONDS = 0.03
+"""While the SCP committed within this long a burst is under way: workers wait for it to pause
+(_deferring), or past the deferral window lease only full batches (_lease). 30 ms rather than
+50 ms: de-identification starts 20 ms sooner after a burst, and the receive rate was no lower in a
+7-round benchmark."""
 WAKE_SECONDS = 0.01
 """How often an idle ingest worker looks at the SCP's commit stamp (see Worker._idle)."""
 

@@ -84,7 +84,7 @@ During a burst a worker leases only full batches; the last ones leased before th
 are what is left to de-identify after it. With 64 the end-to-end time of 200 CT instances was
 longer in each of 7 paired runs (median 0.90 s against 0.79 s with 32) for the same receive
 rate: the two workers share the end of a burst more evenly."""
-READ_AHEAD = 2
+READ_AHEAD = 4
 """Spool records a batch reads ahead of the instance it de-identifies (see _BatchIO)."""
 OVERLAP_BYTES = 128 << 10
 """Records and outputs at least this large are read and written beside the engine
