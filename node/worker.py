@@ -119,12 +119,12 @@ class Worker:
         kinds = sorted(self.handlers)
         logger.info("worker %s started; job kinds: %s", self.name, ", ".join(kinds) or "(none)")
         while not self.stop.is_set():
-            if self._run_periodic:
-                self.run_periodic()
             seen = self._last_receive()
-            if self._deferring(seen):
+            if self._deferring(seen):  # the sweeps wait too: they take the write turn
                 self._wait_for_pause()
                 continue
+            if self._run_periodic:
+                self.run_periodic()
             self._pace()
             try:
                 jobs = self._lease(kinds)

@@ -318,8 +318,11 @@ def report_sweep(ctx: JobContext, *, now: datetime | None = None) -> dict[str, i
     settings = ctx.settings
     done = {"report_jobs": 0, "deliveries": 0, "purged": 0, "orphans": 0}
     job_key = literal(f"{REPORT_KIND}:") + cast(Result.id, String)
-    with ctx.db.session() as session:
-        new = session.execute(
+    # Each step looks first without a write transaction and writes only when it found work:
+    # the sweep runs every few seconds, and on SQLite a write transaction takes the write
+    # turn the SCP's commits wait for.
+    with ctx.db.read() as conn:
+        new = conn.execute(
             select(Result.id)
             .where(
                 Result.superseded.is_(False),
@@ -330,21 +333,23 @@ def report_sweep(ctx: JobContext, *, now: datetime | None = None) -> dict[str, i
             .order_by(Result.id)
             .limit(BATCH)
         ).scalars().all()
-        for result_id in new:
-            job_id = enqueue(
+    if new:
+        with ctx.db.session() as session:
+            for result_id in new:
+                job_id = enqueue(
                 ctx.queue,
-                ReportPayload(result_id),
-                dedupe_key=report_dedupe_key(result_id),
-                session=session,
-            )
-            done["report_jobs"] += job_id is not None
+                    ReportPayload(result_id),
+                    dedupe_key=report_dedupe_key(result_id),
+                    session=session,
+                )
+                done["report_jobs"] += job_id is not None
     names = list(destinations(settings))
     if names:
         configured = func.coalesce(
             func.sum(case((ReportExport.destination.in_(names), 1), else_=0)), 0
         )
-        with ctx.db.session() as session:
-            short = session.execute(
+        with ctx.db.read() as conn:
+            short = conn.execute(
                 select(Report.id)
                 .outerjoin(ReportExport, ReportExport.report_id == Report.id)
                 .where(Report.state == ReportState.PENDING.value)
@@ -352,8 +357,10 @@ def report_sweep(ctx: JobContext, *, now: datetime | None = None) -> dict[str, i
                 .having(configured < len(names))
                 .limit(BATCH)
             ).scalars().all()
-            for report_id in short:
-                done["deliveries"] += queue_exports(ctx, session, report_id, names)
+        if short:
+            with ctx.db.session() as session:
+                for report_id in short:
+                    done["deliveries"] += queue_exports(ctx, session, report_id, names)
     done["purged"] = purge_outbox(ctx, now=now)
     done["orphans"] = remove_orphans(ctx)
     if any(done.values()):
@@ -366,8 +373,8 @@ def purge_outbox(ctx: JobContext, *, now: datetime | None = None) -> int:
     now = now or datetime.now(UTC)
     cutoff = now - timedelta(hours=ctx.settings.export.retention_hours)
     box = outbox_of(ctx)
-    with ctx.db.session() as session:
-        rows = session.execute(
+    with ctx.db.read() as conn:
+        rows = conn.execute(
             select(Report.id, Report.outbox_name)
             .where(Report.outbox_name.is_not(None))
             .where(
@@ -398,9 +405,9 @@ def remove_orphans(ctx: JobContext, *, older_than_seconds: float = ORPHAN_SECOND
     candidates = [name for name, mtime in box.names().items() if mtime < cutoff]
     if not candidates:
         return 0
-    with ctx.db.session() as session:
+    with ctx.db.read() as conn:
         named = set(
-            session.execute(
+            conn.execute(
                 select(Report.outbox_name).where(Report.outbox_name.in_(candidates))
             ).scalars()
         )

@@ -67,6 +67,25 @@ def test_the_write_turn_is_one_writer_across_processes(tmp_path: Path) -> None:
     db.dispose()
 
 
+def test_an_idle_report_sweep_takes_no_write_turn(tmp_path: Path) -> None:
+    # The results lane sweeps every [export] sweep_seconds (2 s); with nothing to report it
+    # must not take the write turn the SCP's commits wait for.
+    from node.pipeline.report import report_sweep
+
+    ctx = make_ctx(tmp_path)
+    held, release = FORK.Event(), FORK.Event()
+    holder = FORK.Process(target=_hold_turn,
+                          args=(ctx.db.engine.url.render_as_string(False), held, release))
+    holder.start()
+    try:
+        assert held.wait(30)
+        assert not any(report_sweep(ctx).values())  # no DatabaseUnavailable: no turn taken
+    finally:
+        release.set()
+        holder.join(30)
+    assert holder.exitcode == 0
+
+
 def test_a_priority_writer_gives_up_on_a_stuck_turn(tmp_path: Path) -> None:
     """A writer that stopped while holding the turn (a CLI suspended with Ctrl-Z) makes the
     SCP's priority write refuse after the busy timeout (the SCP answers 0xA700), not hang."""
