@@ -150,8 +150,9 @@ class Worker:
         """Whether to start no job yet: the SCP committed within ``BURST_SECONDS`` (a burst
         is under way) and this worker has not been waiting behind it for
         ``workers.defer_while_receiving_seconds`` since it last caught up. Measured on two
-        cores, any work beside the receiver (even under ``SCHED_IDLE``) slowed a burst by a
-        fifth to a third; a burst's backlog is de-identified the moment it pauses."""
+        cores, any work beside the receiver (even under ``SCHED_IDLE``) stretched a burst:
+        200 CT instances took 0.44-0.58 s instead of 0.30 s beside one or two spinning
+        processes; a burst's backlog is de-identified the moment it pauses."""
         window = self._cfg.defer_while_receiving_seconds
         if window <= 0 or seen is None:
             return False

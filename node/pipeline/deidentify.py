@@ -351,7 +351,6 @@ class _BatchIO:
                 return None  # read in place (_prepare)
         except StorageError:
             return None  # an invalid locator: _prepare reports it for its job
-
         return self._reader.submit(_fetch, ctx, row[2])
 
     def write(self, ctx: JobContext, data: bytes) -> Future[str]:

@@ -337,7 +337,7 @@ def report_sweep(ctx: JobContext, *, now: datetime | None = None) -> dict[str, i
         with ctx.db.session() as session:
             for result_id in new:
                 job_id = enqueue(
-                ctx.queue,
+                    ctx.queue,
                     ReportPayload(result_id),
                     dedupe_key=report_dedupe_key(result_id),
                     session=session,
