@@ -309,9 +309,7 @@ def _prepare(
 
 def _fetch(ctx: JobContext, spool_name: str | None) -> bytes | None:
     """The decrypted spool record *spool_name*, or ``None`` if it is missing."""
-    if not spool_name or not ctx.spool.exists(spool_name):
-        return None
-    return ctx.spool.get(spool_name)
+    return ctx.spool.get_live(spool_name) if spool_name else None
 
 
 class _BatchIO:

@@ -93,12 +93,46 @@ def test_a_record_cut_short_reads_as_missing(root: Path) -> None:
     offset = int(cut.split("@")[1].split("+")[0])
     with open(segment, "r+b") as f:
         f.truncate(offset + 8192)
-    with pytest.raises(IntegrityError, match="missing"):
+    with pytest.raises(IntegrityError, match="truncated"):
         spool.get(cut)
+    with pytest.raises(IntegrityError, match="truncated"):
+        spool.get_live(cut)  # its header is there: not a record that is simply gone
     os.truncate(segment, offset)
     with pytest.raises(IntegrityError, match="missing"):
         spool.get(cut)
+    assert spool.get_live(cut) is None
     assert spool.get(kept) == data
+    spool.close()
+
+
+def test_get_live_answers_none_where_exists_says_no_record(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One read for what a worker did with :meth:`Spool.exists` then :meth:`Spool.get`:
+    the record, or ``None`` for a punched hole, a record marked dead, a removed segment;
+    a record that is there but altered still raises."""
+    spool = Spool(root, KEY)
+    locators = [spool.put(os.urandom(n)) for n in (5000, 5000, 5000)]
+    spool.sync()
+    assert spool.get_live(locators[0]) == spool.get(locators[0])
+    spool.delete(locators[0])
+    assert spool.get_live(locators[0]) is None and not spool.exists(locators[0])
+    monkeypatch.setattr(spool_module, "_fallocate", None)
+    spool.delete(locators[1])  # marked dead, not punched
+    assert spool.get_live(locators[1]) is None and not spool.exists(locators[1])
+    gone = locators[2].replace(SEGMENT_PREFIX, SEGMENT_PREFIX + "9", 1)
+    assert spool.get_live(gone) is None
+    with pytest.raises(SpoolError, match="cannot read"):
+        spool.get(gone)
+    (segment,) = segments(root)
+    offset = int(locators[2].split("@")[1].split("+")[0])
+    with open(segment, "r+b") as f:
+        f.seek(offset + 100)
+        byte = f.read(1)
+        f.seek(offset + 100)
+        f.write(bytes([byte[0] ^ 1]))
+    with pytest.raises(IntegrityError, match="authentication"):
+        spool.get_live(locators[2])
     spool.close()
 
 
