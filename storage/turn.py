@@ -101,6 +101,14 @@ def run_idle(idle: bool) -> bool:
     return True
 
 
+def is_idle() -> bool:
+    """Whether the calling thread runs under ``SCHED_IDLE`` (see :func:`run_idle`)."""
+    try:
+        return os.sched_getscheduler(0) == os.SCHED_IDLE
+    except OSError:
+        return False
+
+
 def _raise_to_normal_priority() -> tuple[int, int] | None:
     """Priority ceiling: a thread running below normal CPU priority (a worker: ``workers.nice``,
     or ``SCHED_IDLE`` while the SCP is receiving) runs at normal priority while it holds the

@@ -64,6 +64,7 @@ from storage.models import AuditEvent, DeidInstance, Instance, Series, Study
 from storage.queue import SqlQueue
 from storage.records import InstanceState, Job, StudyState
 from storage.spool import record_length
+from storage.turn import is_idle, run_idle
 
 logger = logging.getLogger(__name__)
 
@@ -318,7 +319,12 @@ class _BatchIO:
     to the blob pack as soon as it is made, so that the disk works while the engine does
     (reads and writes are ``O_DIRECT`` and give the GIL up while they wait). Measured
     draining a CT burst in service, a worker had spent about half of each batch waiting on
-    one or the other, one after the other."""
+    one or the other, one after the other.
+
+    Each task runs at the CPU policy of the thread that submitted it: a scheduling policy is
+    a thread's own, so the worker's ``SCHED_IDLE`` while the SCP is receiving
+    (:meth:`node.worker.Worker._pace`) would otherwise leave these threads, and the
+    decryption and encryption they do, at ``workers.nice`` beside the receiver."""
 
     _process: tuple[int, _BatchIO] | None = None
 
@@ -349,18 +355,24 @@ class _BatchIO:
                 return None  # read in place (_prepare)
         except StorageError:
             return None  # an invalid locator: _prepare reports it for its job
-        return self._reader.submit(_fetch, ctx, row[2])
+        return self._reader.submit(_as_caller, is_idle(), _fetch, ctx, row[2])
 
     def write(self, ctx: JobContext, data: bytes) -> Future[str]:
         """Start appending *data* to the blob store (not synced)."""
         if len(data) >= OVERLAP_BYTES:
-            return self._writer.submit(ctx.blobs.append, data)
+            return self._writer.submit(_as_caller, is_idle(), ctx.blobs.append, data)
         done: Future[str] = Future()
         try:
             done.set_result(ctx.blobs.append(data))
         except Exception as exc:
             done.set_exception(exc)
         return done
+
+
+def _as_caller(idle: bool, fn: Callable[..., T], *args: Any) -> T:
+    """Run *fn* in an I/O thread of :class:`_BatchIO` under the submitter's policy."""
+    run_idle(idle)
+    return fn(*args)
 
 
 def _commit(

@@ -390,6 +390,54 @@ def test_workers_run_under_sched_idle_only_while_the_scp_is_receiving(
     assert after == os.SCHED_OTHER
 
 
+def test_a_workers_io_threads_run_at_the_policy_of_the_thread_that_hands_them_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduling policy belongs to one thread: the spool reads and blob writes a batch
+    hands to its I/O threads (and the decryption and encryption in them) must run under
+    SCHED_IDLE while the worker does, not at ``workers.nice`` beside the receiver."""
+    if not _may_leave_sched_idle():
+        pytest.skip("this process may not leave SCHED_IDLE (RLIMIT_NICE)")
+    from node.pipeline.deidentify import OVERLAP_BYTES, _BatchIO
+    from storage.turn import run_idle
+
+    ctx = make_ctx(tmp_path)
+    data = os.urandom(OVERLAP_BYTES + 1000)
+    locator = ctx.spool.put(data)
+    ctx.spool.sync()
+    seen: list[tuple[str, int]] = []
+    get_live, append = ctx.spool.get_live, ctx.blobs.append
+
+    def reading(name: str) -> bytes | None:
+        seen.append(("read", os.sched_getscheduler(0)))
+        return get_live(name)
+
+    def writing(blob: bytes) -> str:
+        seen.append(("write", os.sched_getscheduler(0)))
+        return append(blob)
+
+    monkeypatch.setattr(ctx.spool, "get_live", reading)
+    monkeypatch.setattr(ctx.blobs, "append", writing)
+    io = _BatchIO()
+    results: list[object] = []
+
+    def worker_thread() -> None:
+        for idle in (True, False):
+            assert run_idle(idle)
+            read = io.read(ctx, (1, InstanceState.RECEIVED.value, locator))  # type: ignore[arg-type]
+            assert read is not None
+            results.append(read.result(30))
+            ref = io.write(ctx, data).result(30)
+            results.append(ctx.blobs.get(ref))
+
+    t = threading.Thread(target=worker_thread)
+    t.start()
+    t.join(60)
+    assert results == [data] * 4
+    assert seen == [("read", os.SCHED_IDLE), ("write", os.SCHED_IDLE),
+                    ("read", os.SCHED_OTHER), ("write", os.SCHED_OTHER)]
+
+
 def _deidentified(ctx: JobContext, ids: list[int]) -> int:
     with ctx.db.read() as conn:
         return int(conn.execute(select(func.count()).select_from(Instance).where(
