@@ -30,8 +30,9 @@ import dataclasses
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -87,6 +88,11 @@ longer in each of 7 paired runs (median 0.90 s against 0.79 s with 32) for the s
 rate: the two workers share the end of a burst more evenly."""
 READ_AHEAD = 4
 """Spool records a batch reads ahead of the instance it de-identifies (see _BatchIO)."""
+BATCH_IO_BYTES = 64 << 20
+"""Bytes of spool records a batch reads ahead, and bytes of outputs it has waiting to be
+written, at most each (at least one record either way): a batch of large instances (a
+multi-frame series of hundreds of MB each) holds a few at a time, not :data:`BATCH_JOBS`. An
+output's bytes are let go once written; its transaction needs only its size."""
 OVERLAP_BYTES = 128 << 10
 """Records and outputs at least this large are read and written beside the engine
 (_BatchIO); a smaller one costs more to hand to a thread than to read or write in place."""
@@ -155,26 +161,24 @@ def deidentify_batch(
         return [exc] * len(jobs)
     io = _BatchIO.of_process()
     batch = [(job, payload.instance_id, rows.get(payload.instance_id)) for job, payload in jobs]
-    reads = [io.read(ctx, row) for _, _, row in batch[:READ_AHEAD]]
-    writes: list[Future[str]] = []
+    reads = _ReadAhead(io, ctx, [row for _, _, row in batch])
+    writes = _WriteBehind(io, ctx)
     for i, (job, instance_id, row) in enumerate(batch):
-        if i + READ_AHEAD < len(batch):
-            reads.append(io.read(ctx, batch[i + READ_AHEAD][2]))
+        reads.advance(i)
         try:
             item = _guarded(job, ctx, instance_id,
                             partial(_prepare, ctx, instance_id, row, store_blob=False,
-                                    fetched=reads[i]))
+                                    fetched=reads.take(i)))
         except Exception as exc:
             outcomes[i] = exc
             continue
-        reads[i] = None  # its bytes are not kept past the engine
         if item is not None:
-            ready.append((i, job, item))
-            writes.append(io.write(ctx, item.result.data))
+            writes.write(item.result.data)
+            ready.append((i, job, item.written()))
     if not ready:
         return outcomes
     try:  # the batch's blobs are synced together, not one sync per instance
-        refs = [write.result() for write in writes]
+        refs = [write.result() for write in writes.futures]
         ctx.blobs.sync()
     except StorageError as exc:
         for i, job, item in ready:
@@ -241,6 +245,12 @@ class _Prepared:
     spool_name: str
     result: DeidResult
     blob_ref: str
+    size: int
+    """Bytes of the output (``result.data``, which :meth:`written` lets go)."""
+
+    def written(self) -> _Prepared:
+        """This item without its output bytes (handed to the blob store)."""
+        return dataclasses.replace(self, result=dataclasses.replace(self.result, data=b""))
 
 
 _InstanceRow = Row[int, str, str | None, str, str, str, str]
@@ -305,7 +315,9 @@ def _prepare(
             f"instance {instance_id}: the dataset's UIDs differ from those it was received under"
         )
     ref = ctx.blobs.put(result.data) if store_blob else ""
-    return _Prepared(instance_id, study_key, series_key, spool_name, result, ref)
+    item = _Prepared(instance_id, study_key, series_key, spool_name, result, ref,
+                     len(result.data))
+    return item.written() if store_blob else item
 
 
 def _fetch(ctx: JobContext, spool_name: str | None) -> bytes | None:
@@ -367,6 +379,70 @@ class _BatchIO:
         except Exception as exc:
             done.set_exception(exc)
         return done
+
+
+class _ReadAhead:
+    """The spool reads of one batch: up to :data:`READ_AHEAD` records ahead of the one in
+    hand, within :data:`BATCH_IO_BYTES` (a record that does not fit is read when its turn
+    comes, in place, unless nothing else is ahead)."""
+
+    def __init__(self, io: _BatchIO, ctx: JobContext, rows: list[_InstanceRow | None]) -> None:
+        self._io, self._ctx, self._rows = io, ctx, rows
+        self._reads: dict[int, tuple[Future[bytes | None], int]] = {}
+        self._next = 0  # the next record to consider
+        self._ahead = 0  # bytes of the reads in self._reads
+
+    def advance(self, current: int) -> None:
+        """Start the reads the budget allows before record *current* is de-identified."""
+        self._next = max(self._next, current)
+        while self._next < len(self._rows) and self._next <= current + READ_AHEAD:
+            row = self._rows[self._next]
+            size = _record_size(row)
+            if self._reads and self._ahead + size > BATCH_IO_BYTES:
+                return  # wait for the records ahead to be taken
+            read = self._io.read(self._ctx, row)
+            if read is not None:
+                self._reads[self._next] = (read, size)
+                self._ahead += size
+            self._next += 1
+
+    def take(self, index: int) -> Future[bytes | None] | None:
+        """The read of record *index* (``None``: read it in place); not kept here after."""
+        read, size = self._reads.pop(index, (None, 0))
+        self._ahead -= size
+        return read
+
+
+class _WriteBehind:
+    """The blob writes of one batch (:meth:`_BatchIO.write`), at most
+    :data:`BATCH_IO_BYTES` of them waiting at a time (at least one)."""
+
+    def __init__(self, io: _BatchIO, ctx: JobContext) -> None:
+        self._io, self._ctx = io, ctx
+        self.futures: list[Future[str]] = []
+        """Every write of the batch, in order."""
+        self._pending: deque[tuple[Future[str], int]] = deque()
+        self._bytes = 0  # of the writes in self._pending
+
+    def write(self, data: bytes) -> None:
+        """Start writing *data* once the writes before it leave room for it."""
+        while self._pending and (
+            self._pending[0][0].done() or self._bytes + len(data) > BATCH_IO_BYTES
+        ):
+            oldest, size = self._pending.popleft()
+            wait([oldest])  # its error, if any, is the batch's when it collects the refs
+            self._bytes -= size
+        future = self._io.write(self._ctx, data)
+        self.futures.append(future)
+        self._pending.append((future, len(data)))
+        self._bytes += len(data)
+
+
+def _record_size(row: _InstanceRow | None) -> int:
+    try:
+        return record_length(row[2]) if row is not None and row[2] else 0
+    except StorageError:
+        return 0
 
 
 def _as_caller(idle: bool, fn: Callable[..., T], *args: Any) -> T:
@@ -479,7 +555,7 @@ def _record_batch(conn: Connection, ctx: JobContext, items: list[_Prepared]) -> 
                 "series_key": item.series_key,
                 "sop_class_uid": item.result.sop_class_uid,
                 "blob_ref": item.blob_ref,
-                "size_bytes": len(item.result.data),
+                "size_bytes": item.size,
                 "created_at": now,
             }
             for item in items
@@ -561,7 +637,7 @@ def _finish(ctx: JobContext, items: list[_Prepared]) -> None:
             "instance %d de-identified: study %s, %d bytes, %s%s",
             item.instance_id,
             short_key(item.study_key),
-            len(result.data),
+            item.size,
             "+".join(c.value for c in result.options),
             f", pixels cleaned by rule {result.pixel_rule!r}" if result.pixels_cleaned else "",
             extra={"instance_id": item.instance_id, "study_key": item.study_key},
@@ -586,7 +662,7 @@ def warm_up(ctx: JobContext) -> None:
     )
     try:
         with ctx.db.transaction() as conn:
-            _record_batch(conn, ctx, [_Prepared(-1, key, key, "", result, key)])
+            _record_batch(conn, ctx, [_Prepared(-1, key, key, "", result, key, len(result.data))])
             raise _RolledBack
     except _RolledBack:
         pass

@@ -265,6 +265,50 @@ def test_instance_for_a_complete_study_reopens_it(tmp_path: Path) -> None:
         assert (row.state, row.version, row.completed_at) == (StudyState.RECEIVING.value, 2, None)
 
 
+@pytest.mark.parametrize("budget", [1, 2])
+def test_a_batch_of_large_instances_holds_a_few_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, budget: int
+) -> None:
+    """A batch reads ahead and leaves writes pending within ``BATCH_IO_BYTES``, and lets an
+    output's bytes go once written: the memory a batch of large instances takes is a few of
+    them, not the batch (measured with tracemalloc over the worker's own batch path)."""
+    import tracemalloc
+
+    import node.pipeline.deidentify as deid
+    from node.worker import Worker
+
+    ctx = make_ctx(tmp_path)
+    study = dicomgen.FakeStudy()
+    count = 12
+    ids = [receive(ctx, ct(study, size=1024, index=i)) for i in range(count)]  # ≈ 2 MiB each
+    with ctx.db.session() as s:
+        record = max(spool_module.record_length(r.spool_name) for r in
+                     s.execute(select(Instance)).scalars())
+    monkeypatch.setattr(deid, "BATCH_IO_BYTES", budget * record)
+    jobs = ctx.queue.lease_many("test", [JobKind.DEIDENTIFY], 60, 32)
+    assert len(jobs) == count
+    worker = Worker(ctx, load_handlers(), periodic=False)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        worker.run_jobs(jobs)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+    # In hand: the record being de-identified and its output; ahead and behind: the budget
+    # (at least one each); and pydicom's working copies. The batch itself is 12 records.
+    assert peak < (4 + 2 * budget) * record, (peak, record)
+    assert ctx.queue.counts() == {(JobKind.DEIDENTIFY.value, JobState.DONE): count}
+    with ctx.db.session() as s:
+        sizes = {d.blob_ref: d.size_bytes for d in s.execute(select(DeidInstance)).scalars()}
+    assert len(sizes) == count
+    for i in ids:
+        row = instance(ctx, i)
+        assert row.state == InstanceState.DEIDENTIFIED.value
+        assert len(ctx.blobs.get(row.blob_ref)) == sizes[row.blob_ref] > record // 2
+
+
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_a_batch_is_recorded_alike_on_both_databases(
     tmp_path: Path, request: pytest.FixtureRequest, backend: str
