@@ -18,7 +18,6 @@ supervisor exits 0.
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import logging
 import multiprocessing as mp
@@ -33,23 +32,13 @@ from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from typing import Any
 
+from node.children import die_with_parent
 from node.config import Settings
 from node.errors import NetworkError
 from node.logs import configure_logging
 from node.stopflag import StopFlag
 
 logger = logging.getLogger(__name__)
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:  # not Linux: the supervisor's own SIGTERM path still stops children
-        pass
-
 
 def preflight(settings: Settings, *, check_only: bool = False) -> None:
     """Everything ``serve`` checks before it listens; raises a NodeError/StorageError.
@@ -106,7 +95,7 @@ def _child_stop_flag() -> StopFlag:
 
 def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> None:
     stop = _child_stop_flag()
-    _die_with_parent()
+    die_with_parent()
     configure_logging(settings.logging.level, settings.logging.format)
     from node.dicom.receive import Receiver
     from node.dicom.scp import StorageSCP
@@ -154,7 +143,7 @@ def _scp_main(settings: Settings, listening: socket.socket, processes: int) -> N
 
 def _worker_main(settings: Settings, lane: str, index: int) -> None:
     stop = _child_stop_flag()
-    _die_with_parent()
+    die_with_parent()
     configure_logging(settings.logging.level, settings.logging.format)
     from node.jobs import load_handlers
     from node.runtime import open_context

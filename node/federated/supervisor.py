@@ -20,11 +20,9 @@ grace period); the children also get SIGKILL if the supervisor itself dies (Linu
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -33,6 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from node.children import die_with_parent
 from node.config import Settings
 from node.federated.enrollment import FederationPaths, load_enrollment
 from node.federated.env import flower_env
@@ -40,16 +39,7 @@ from storage.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
-PR_SET_PDEATHSIG = 1
 HEALTHY_SECONDS = 60.0
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
 
 
 def supernode_command(settings: Settings) -> list[str]:
@@ -136,7 +126,7 @@ class Supervisor:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent,
+            preexec_fn=die_with_parent,
         )
         child.started = time.monotonic()
         logger.info("started %s (pid %d)", child.name, child.proc.pid)

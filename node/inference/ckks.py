@@ -149,7 +149,9 @@ class SecretContext:
     def public_bundle(self, steps: Sequence[int]) -> tuple[bytes, bytes]:
         """``(context without secret key, Galois keys for *steps*)`` for the service."""
         seal = _seal()
-        ctx = self.context.copy()
+        # A copy made by deserialising the secret form: TenSEAL's ``copy()`` of a context
+        # loaded from that form (the key store's, after a restart) dies in a segfault.
+        ctx = _ts().context_from(self.serialize_secret())
         ctx.generate_relin_keys()
         public: bytes = ctx.serialize(
             save_public_key=False,

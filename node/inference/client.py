@@ -88,14 +88,25 @@ class ServiceClient:
         verify: str | bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
+        import ssl
+
         import httpx
 
         self.url = url.rstrip("/")
+        roots: ssl.SSLContext | bool = verify if isinstance(verify, bool) else True
+        if isinstance(verify, str):  # [inference] ca_file: the only roots the service is checked by
+            try:
+                roots = ssl.create_default_context(cafile=verify)
+            except (OSError, ssl.SSLError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ServiceUnavailable(
+                    f"cannot load [inference] ca_file {verify}: {reason}"
+                ) from exc
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout, connect=10.0),
-            verify=verify,
+            verify=roots,
             transport=transport,
         )
         self._info: tuple[float, ModelInfo] | None = None
@@ -111,6 +122,12 @@ class ServiceClient:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
+            untrusted = _untrusted_certificate(exc)
+            if untrusted is not None:  # the node's configuration to fix, not the network
+                raise ServiceUnavailable(
+                    f"inference service {self.url}: its TLS certificate is not trusted "
+                    f"({untrusted}); set [inference] ca_file to the CA bundle that signed it"
+                ) from exc
             raise ServiceUnavailable(
                 f"inference service {self.url} unreachable: {type(exc).__name__}"
             ) from exc
@@ -201,6 +218,18 @@ class Prediction:
     bytes_sent: int
     bytes_received: int
     registration_bytes: int
+
+
+def _untrusted_certificate(exc: BaseException) -> str | None:
+    """Why the service's certificate failed verification, if that is what *exc* is."""
+    import ssl
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return str(seen.verify_message or seen.reason or "verification failed")
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def sigmoid(x: float) -> float:

@@ -1,5 +1,6 @@
 """The node end to end with encrypted inference: ``fednode serve`` with workers, a running
-``fednode inference-server``, a synthetic chest study sent with DCMTK ``storescu``. The service
+``fednode inference-server`` over TLS (a test CA the node is configured with,
+``[inference] ca_file``), a synthetic chest study sent with DCMTK ``storescu``. The service
 is down when the study completes and comes back on the same port: the ``infer`` job waits and
 retries, and exactly one ``Result`` row appears, matching the plaintext model within 1e-3.
 """
@@ -21,6 +22,7 @@ from storage.db import Database
 from storage.models import HEKey, JobRow, Result
 from tests.acceptance.test_receive_node import storescu
 from tests.support.dicomgen import write
+from tests.support.flower import make_tls
 from tests.support.inference import RunningService, train_artifact
 from tests.support.node import RunningNode, free_port, init_node
 
@@ -54,7 +56,10 @@ def test_a_study_sent_by_storescu_gets_one_encrypted_result_across_a_service_res
     token_file.write_text(TokenStore(state).issue("node-a") + "\n")
     os.chmod(token_file, 0o600)
     port = free_port()
-    service = RunningService(artifact, state, port=port)
+    ca, cert, key = make_tls(tmp_path / "tls")
+    tls = ("--tls-cert", str(cert), "--tls-key", str(key))
+    service = RunningService(artifact, state, port=port, extra=tls, verify=str(ca))
+    assert service.url.startswith("https://")
     node = init_node(tmp_path / "node")
     env = {
         "FEDNODE_TASKS__QUIET_PERIOD_SECONDS": "1",
@@ -64,6 +69,7 @@ def test_a_study_sent_by_storescu_gets_one_encrypted_result_across_a_service_res
         "FEDNODE_WORKERS__MAX_ATTEMPTS": "50",
         "FEDNODE_INFERENCE__SERVER": service.url,
         "FEDNODE_INFERENCE__TOKEN_FILE": str(token_file),
+        "FEDNODE_INFERENCE__CA_FILE": str(ca),
     }
     (study,) = plugin.synthetic_studies(1, seed=31, image_size=96)
     for i, ds in enumerate(study.datasets):
@@ -90,7 +96,8 @@ def test_a_study_sent_by_storescu_gets_one_encrypted_result_across_a_service_res
             (infer_job,) = [j for j in jobs if j.kind == "infer"]
             assert infer_job.state == "queued" and "unreachable" in (infer_job.last_error or "")
 
-            service = RunningService(artifact, state, port=port)  # back, same URL
+            service = RunningService(artifact, state, port=port, extra=tls,
+                                     verify=str(ca))  # back, same URL
 
             _wait(lambda: bool(_rows(db)[0]), 300, "the Result row")
             time.sleep(3)  # give a duplicate every chance to appear

@@ -4,7 +4,8 @@ One service process and one trained model for the module (CKKS is CPU-heavy); th
 runs in the test process with a real SQLite key store. Covered: encrypted and plaintext
 predictions agree on a held-out synthetic set (every label, probability error <= 1e-3); the
 service refuses a context with a secret key, a wrong or missing token, an oversized or
-malformed body, and keeps serving; what crosses the wire holds no pixel and no decrypted value.
+malformed body, and keeps serving; what crosses the wire holds no pixel and no decrypted value;
+over TLS, the node trusts the service only through the CA it is configured with.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from node.inference.service import TokenStore
 from node.keys import NodeKeys
 from plugins.base import TaskPlugin, resolve_task
 from storage.db import Database
+from tests.support.flower import make_tls
 from tests.support.inference import RunningService, synthetic_inputs, train_artifact
 
 pytestmark = pytest.mark.slow
@@ -242,3 +244,37 @@ def test_no_pixel_and_no_decrypted_value_crosses_the_wire(
     # the requests happened before decryption: nothing was sent after the reply came back
     assert len(recording.requests) == 4
     db.dispose()
+
+
+def test_over_tls_the_node_trusts_the_service_only_through_its_configured_ca(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """``inference-server --tls-cert/--tls-key`` with a test CA: a client given that CA
+    (``[inference] ca_file``) gets encrypted predictions that match the plaintext model; one
+    that trusts only the system's roots is refused at the handshake with the reason and the
+    setting to fix, and the service saw no request of it; plain HTTP to the TLS port fails."""
+    ca, cert, key = make_tls(tmp_path / "tls")
+    state = tmp_path / "service"
+    token = TokenStore(state).issue("node-a")
+    with RunningService(setup.artifact, state, verify=str(ca),
+                        extra=("--tls-cert", str(cert), "--tls-key", str(key))) as service:
+        assert service.url.startswith("https://127.0.0.1:")
+        keys = KeyStore(setup.db, setup.keys.he, timedelta(days=30))
+        trusted = ServiceClient(service.url, token, verify=str(ca))
+        untrusted = ServiceClient(service.url, token)
+        _clients.extend((trusted, untrusted))
+        inputs, _ = synthetic_inputs(setup.plugin, 2, seed=11)
+        with pytest.raises(ServiceUnavailable, match=r"not trusted \(.+\).*ca_file") as refused:
+            EncryptedPredictor(untrusted, keys).predict(setup.plugin, [inputs[0]])
+        assert "certificate" in str(refused.value)
+        assert not list(state.rglob("*.ctx"))  # nothing of that node reached the service
+        results = EncryptedPredictor(trusted, keys).predict(setup.plugin, list(inputs))
+        assert list(state.rglob("*.ctx"))  # the trusted one registered its public context
+        expected = [sigmoid(v) for v in plaintext_logits(setup, inputs)]
+        assert max(abs(r.probability - p) for r, p in zip(results, expected, strict=True)) <= 1e-3
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(service.url.replace("https://", "http://") + "/v1/health", timeout=5)
+        for bad in (tmp_path / "missing.pem", key):  # no file; a file that holds no certificate
+            with pytest.raises(ServiceUnavailable, match=r"cannot load \[inference\] ca_file"):
+                ServiceClient(service.url, token, verify=str(bad))
+        assert service.proc.poll() is None

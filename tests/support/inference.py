@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from node.children import die_with_parent
 from plugins.base import TaskPlugin
 from tests.support.node import fednode_cmd
 
@@ -65,9 +66,12 @@ class RunningService:
     """``fednode inference-server`` as a subprocess on loopback (port 0 unless given)."""
 
     def __init__(
-        self, artifact: Path, state_dir: Path, *, port: int = 0, extra: tuple[str, ...] = ()
+        self, artifact: Path, state_dir: Path, *, port: int = 0, extra: tuple[str, ...] = (),
+        verify: str | bool = True,
     ) -> None:
+        """*verify*: how the start-up health check verifies a TLS service (a CA bundle)."""
         self.log: list[str] = []
+        self._verify = verify
         self.proc = subprocess.Popen(
             fednode_cmd(
                 "inference-server",
@@ -84,6 +88,7 @@ class RunningService:
             text=True,
             env={**os.environ, "COLUMNS": "300"},
             start_new_session=True,
+            preexec_fn=die_with_parent,  # a killed test run leaves no service behind
         )
         self.url = self._wait_url()
 
@@ -108,12 +113,16 @@ class RunningService:
             self.stop()
             raise AssertionError("inference-server did not start:\n" + "".join(self.log))
         # The URL is printed just before uvicorn starts serving on the bound socket.
+        import ssl
+
         import httpx
 
+        verify = (ssl.create_default_context(cafile=self._verify)
+                  if isinstance(self._verify, str) else self._verify)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
-                httpx.get(found[0] + "/v1/health", timeout=2)
+                httpx.get(found[0] + "/v1/health", timeout=2, verify=verify)
                 return found[0]
             except httpx.HTTPError:
                 time.sleep(0.1)
