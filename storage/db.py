@@ -186,6 +186,18 @@ class Database:
                 f"cannot migrate the {self.dialect} database: {type(exc).__name__}"
             ) from exc
 
+    def downgrade(self, revision: str) -> None:
+        """Run the Alembic migrations down to *revision* (a migration may refuse: it raises
+        with the reason)."""
+        from alembic import command
+
+        try:
+            command.downgrade(self._alembic_config(), revision)
+        except SQLAlchemyError as exc:
+            raise DatabaseUnavailable(
+                f"cannot migrate the {self.dialect} database: {type(exc).__name__}"
+            ) from exc
+
     def _alembic_config(self) -> Any:
         from alembic.config import Config
 

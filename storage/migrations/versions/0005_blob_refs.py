@@ -38,6 +38,19 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # A pack record's locator does not fit the old column, and builds before this revision
+    # cannot read pack records: refuse, naming why, rather than fail half-way (PostgreSQL:
+    # "value too long") or leave references nothing can read (SQLite).
+    packed = op.get_bind().execute(sa.text(
+        "SELECT (SELECT count(*) FROM deid_instances WHERE blob_ref LIKE '%@%')"
+        " + (SELECT count(*) FROM instances WHERE blob_ref LIKE '%@%')"
+    )).scalar_one()
+    if packed:
+        raise RuntimeError(
+            f"cannot downgrade below 0005_blob_refs: {packed} row(s) name de-identified "
+            "instances stored in the blob packs, which earlier builds cannot read; keep this "
+            "schema (or restore the backup taken before the upgrade)"
+        )
     with op.batch_alter_table("deid_instances", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_deid_instances_blob_ref"))
     with op.batch_alter_table("deid_instances", schema=None) as batch_op:
