@@ -177,22 +177,18 @@ class Database:
 
     def upgrade(self, revision: str = "head") -> None:
         """Run the Alembic migrations up to *revision*."""
-        from alembic import command
-
-        try:
-            command.upgrade(self._alembic_config(), revision)
-        except SQLAlchemyError as exc:
-            raise DatabaseUnavailable(
-                f"cannot migrate the {self.dialect} database: {type(exc).__name__}"
-            ) from exc
+        self._migrate("upgrade", revision)
 
     def downgrade(self, revision: str) -> None:
         """Run the Alembic migrations down to *revision* (a migration may refuse: it raises
         with the reason)."""
+        self._migrate("downgrade", revision)
+
+    def _migrate(self, direction: str, revision: str) -> None:
         from alembic import command
 
         try:
-            command.downgrade(self._alembic_config(), revision)
+            getattr(command, direction)(self._alembic_config(), revision)
         except SQLAlchemyError as exc:
             raise DatabaseUnavailable(
                 f"cannot migrate the {self.dialect} database: {type(exc).__name__}"
