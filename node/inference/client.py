@@ -25,6 +25,8 @@ from node.inference.errors import ServiceRefused, ServiceUnavailable, WireError
 from plugins.he import CKKSParameters, HELayout
 
 if TYPE_CHECKING:
+    import ssl
+
     import httpx
 
     from node.inference.keystore import KeyStore
@@ -88,25 +90,14 @@ class ServiceClient:
         verify: str | bool = True,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        import ssl
-
         import httpx
 
         self.url = url.rstrip("/")
-        roots: ssl.SSLContext | bool = verify if isinstance(verify, bool) else True
-        if isinstance(verify, str):  # [inference] ca_file: the only roots the service is checked by
-            try:
-                roots = ssl.create_default_context(cafile=verify)
-            except (OSError, ssl.SSLError) as exc:
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-                raise ServiceUnavailable(
-                    f"cannot load [inference] ca_file {verify}: {reason}"
-                ) from exc
         self._http = httpx.Client(
             base_url=self.url,
             headers={"Authorization": f"Bearer {token}"},
             timeout=httpx.Timeout(timeout, connect=10.0),
-            verify=roots,
+            verify=trusted_roots(verify) if isinstance(verify, str) else verify,
             transport=transport,
         )
         self._info: tuple[float, ModelInfo] | None = None
@@ -218,6 +209,17 @@ class Prediction:
     bytes_sent: int
     bytes_received: int
     registration_bytes: int
+
+
+def trusted_roots(ca_file: str) -> ssl.SSLContext:
+    """A TLS context that trusts only the CA bundle *ca_file* (``[inference] ca_file``)."""
+    import ssl
+
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ServiceUnavailable(f"cannot load [inference] ca_file {ca_file}: {reason}") from exc
 
 
 def _untrusted_certificate(exc: BaseException) -> str | None:

@@ -113,12 +113,11 @@ class RunningService:
             self.stop()
             raise AssertionError("inference-server did not start:\n" + "".join(self.log))
         # The URL is printed just before uvicorn starts serving on the bound socket.
-        import ssl
-
         import httpx
 
-        verify = (ssl.create_default_context(cafile=self._verify)
-                  if isinstance(self._verify, str) else self._verify)
+        from node.inference.client import trusted_roots
+
+        verify = trusted_roots(self._verify) if isinstance(self._verify, str) else self._verify
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
